@@ -1,0 +1,308 @@
+"""Training recipes as plain functions, after torchvision's ``references/classification``:
+``train_one_epoch``, ``evaluate`` and ``fit`` (epochs, checkpoints, resume, metrics).
+
+Baseline training and KSE fine-tuning share them (KSE.md §6: SGD with momentum, multistep
+or cosine learning rate). ``fit`` writes ``last.ckpt`` atomically after every epoch
+(safetensors; optimizer, scheduler and RNG state included, no pickle) and appends one JSON
+line per epoch to ``metrics.jsonl``; ``resume=True`` continues exactly where it stopped.
+Under ``torchrun`` it uses DistributedDataParallel and a DistributedSampler, and only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (validated on creation)."""
+
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # "cosine" or "multistep"
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+    channels_last: bool = True
+    seed: int = 0
+    max_steps_per_epoch: Optional[int] = None  # for quick runs and tests
+
+    def __post_init__(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.epochs) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.schedule not in ("cosine", "multistep"):
+            raise ValueError(f"schedule must be 'cosine' or 'multistep', got {self.schedule!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not all(0 < m <= 1 for m in self.milestones):
+            raise ValueError(f"milestones must be fractions of epochs in (0, 1], got {self.milestones!r}; "
+                             "e.g. [0.5, 0.75] drops the rate at half and three quarters of the run")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {self.epochs}), got {self.warmup_epochs!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.max_steps_per_epoch is not None and (not is_int(self.max_steps_per_epoch)
+                                                     or self.max_steps_per_epoch < 1):
+            raise ValueError(f"max_steps_per_epoch must be None or an integer >= 1, got {self.max_steps_per_epoch!r}")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at a global step: linear warm-up, then cosine or multistep."""
+    epoch = step / steps_per_epoch
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+    drops = sum(epoch >= m * cfg.epochs for m in cfg.milestones)
+    return cfg.lr * cfg.gamma ** drops
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on BatchNorm and bias parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _progress(done: int, total: int, t0: float, extra: str) -> None:
+    if not is_main_process() or not sys.stderr.isatty() and done != total:
+        return
+    rate = done / max(time.time() - t0, 1e-9)
+    bar = "#" * int(30 * done / total)
+    end = "\n" if done == total else ""
+    print(f"\r  [{bar:<30}] {done}/{total} {extra} {rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    epoch: int, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None) -> Dict[str, float]:
+    """One pass over ``loader``; returns mean loss, top-1 accuracy and throughput."""
+    model.train()
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    total_loss = correct = seen = 0.0
+    t0 = time.time()
+    use_amp = cfg.amp and device.type == "cuda"
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        lr = lr_at(cfg, epoch * steps + i, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=use_amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {i}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and use_amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = y.numel()
+        total_loss += loss.item() * n
+        correct += (out.argmax(1) == y).sum().item()
+        seen += n
+        if i % 20 == 0 or i == steps - 1:
+            _progress(i + 1, steps, t0, f"loss {total_loss / seen:.3f} acc {100 * correct / seen:.2f}% lr {lr:.4f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
+            "train_img_per_s": seen / max(time.time() - t0, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean loss over ``loader``, summed across ranks.
+
+    Under DDP each rank evaluates its own shard of ``loader`` with the unwrapped module (no
+    collective per batch, so shards may differ in length); the sums are then all-reduced.
+    """
+    model = _unwrap(model)
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x).float()
+        k = min(5, out.shape[1])
+        top = out.topk(k, 1).indices
+        stats[0] += F.cross_entropy(out, y, reduction="sum").item()
+        stats[1] += (top[:, 0] == y).sum().item()
+        stats[2] += (top == y[:, None]).any(1).sum().item()
+        stats[3] += y.numel()
+    if is_distributed():
+        # NOTE: nccl reduces device tensors only; gloo takes CPU ones.
+        on_device = stats.to(device) if dist.get_backend() == "nccl" else stats
+        dist.all_reduce(on_device)
+        stats = on_device.cpu()
+    n = max(stats[3].item(), 1)
+    return {"loss": stats[0].item() / n, "top1": 100 * stats[1].item() / n,
+            "top5": 100 * stats[2].item() / n, "count": int(stats[3].item())}
+
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        epoch: int, history: List[dict], extra: Optional[dict] = None,
+                        scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """Write model + optimizer + RNG (+ AMP scaler) state as safetensors with JSON metadata (no pickle)."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim.{pid}.{key}"] = val.contiguous().cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta = {"epoch": epoch, "history": history, "param_groups": opt["param_groups"], "extra": extra or {}}
+    if scaler is not None and scaler.is_enabled():
+        meta["grad_scaler"] = {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"kse_training_state": json.dumps(meta)})
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: Optional[torch.amp.GradScaler] = None) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("kse_training_state")
+    if raw is None:
+        raise ValueError(f"{path} is not a kse training checkpoint (no kse_training_state metadata)")
+    meta = json.loads(raw)
+    tensors = load_file(str(path))
+    _unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: Dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
+        scaler.load_state_dict(meta["grad_scaler"])
+    return meta
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every parameter and buffer, bit for bit."""
+    h = hashlib.sha256()
+    for name, value in _unwrap(model).state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sync_replicas(model: nn.Module) -> List[str]:
+    """Under DDP: copy rank 0's buffers to every rank, then check that all replicas agree.
+
+    DDP keeps parameters in step, but BatchNorm running statistics are updated from each
+    rank's own batch after DDP's pre-forward broadcast, so at the end of an epoch they
+    differ slightly. Broadcasting them makes every rank hold what rank 0 saves. Returns the
+    per-rank :func:`state_digest` and raises ``RuntimeError`` when the replicas disagree.
+    """
+    module = _unwrap(model)
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+    digests: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, state_digest(module))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP replicas diverged: per-rank weight digests {digests}; "
+                           "check that every rank runs the same code, model and seed")
+    return [str(d) for d in digests]
+
+
+def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: Path,
+        device: torch.device, resume: bool = False,
+        on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> List[dict]:
+    """Train for ``cfg.epochs`` epochs, evaluating and checkpointing after each one.
+
+    Returns the per-epoch metrics. ``model`` may already be wrapped in DDP.
+    """
+    out_dir = Path(out_dir)
+    optimizer = build_optimizer(_unwrap(model), cfg)
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    ckpt = out_dir / "last.ckpt"
+    start, history = 0, []
+    if resume and ckpt.is_file():
+        meta = load_training_state(ckpt, model, optimizer, scaler)
+        start, history = meta["epoch"] + 1, meta["history"]
+        if is_main_process():
+            print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
+    for epoch in range(start, cfg.epochs):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same batches
+        t0 = time.time()
+        row = {"epoch": epoch + 1}
+        row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler))
+        if is_distributed():
+            row["replica_digests"] = sync_replicas(model)
+        row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
+        row["epoch_s"] = time.time() - t0
+        history.append(row)
+        if is_main_process():
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                  f"top1 {row['train_top1']:.2f}% | test top1 {row['test_top1']:.2f}% "
+                  f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
+            save_training_state(ckpt, model, optimizer, epoch, history, {"train_config": asdict(cfg)}, scaler)
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    return history

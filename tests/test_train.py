@@ -1,0 +1,186 @@
+"""Training recipes: exact resume, learning-rate schedules, config validation, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from kse.data import get_dataset
+from kse.models import get_model
+from kse.train import TrainConfig, build_optimizer, evaluate, fit, load_training_state, lr_at
+
+CPU = torch.device("cpu")
+
+
+def _loaders(batch_size: int = 8):
+    train_ds, info = get_dataset("fake", train=True, fake_size=32, input_size=16)
+    test_ds, _ = get_dataset("fake", train=False, fake_size=32, input_size=16)
+    train = DataLoader(train_ds, batch_size, shuffle=True, drop_last=True)
+    test = DataLoader(test_ds, 16, shuffle=False)
+    return train, test, info
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return get_model("resnet20", num_classes=10, in_channels=3)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=2, lr=0.05, batch_size=8, max_steps_per_epoch=3, channels_last=True, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_matches_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    train, test, _ = _loaders()
+    straight = _model(0)
+    history = fit(straight, train, test, _cfg(), tmp_path / "straight", CPU)
+    assert [row["epoch"] for row in history] == [1, 2]
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_first_epoch(epoch, row):
+        if epoch == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):  # same config, stopped after epoch 1 as by a crash
+        fit(_model(0), train, test, _cfg(), tmp_path / "resumed", CPU, on_epoch_end=crash_after_first_epoch)
+    # A fresh model with different initial weights: everything must come from last.ckpt.
+    resumed = _model(123)
+    history2 = fit(resumed, train, test, _cfg(), tmp_path / "resumed", CPU, resume=True)
+    assert [row["epoch"] for row in history2] == [1, 2]
+
+    expected, got = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=f"{name} differs")
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] == pytest.approx(history[1]["train_loss"], abs=0)
+
+
+def test_training_state_round_trips_optimizer(tmp_path):
+    train, test, _ = _loaders()
+    model = _model(0)
+    fit(model, train, test, _cfg(epochs=1, max_steps_per_epoch=2), tmp_path, CPU)
+    clone = _model(1)
+    optimizer = build_optimizer(clone, _cfg())
+    meta = load_training_state(tmp_path / "last.ckpt", clone, optimizer)
+    assert meta["epoch"] == 0 and len(meta["history"]) == 1
+    assert meta["extra"]["train_config"]["seed"] == 7
+    buffers = [optimizer.state[p]["momentum_buffer"] for g in optimizer.param_groups for p in g["params"]]
+    assert len(buffers) == sum(1 for _ in clone.parameters()) and all(b.abs().sum() > 0 for b in buffers[:3])
+
+
+def test_load_training_state_rejects_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    model = _model(0)
+    with pytest.raises(ValueError, match="not a kse training checkpoint"):
+        load_training_state(path, model, build_optimizer(model, _cfg()))
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_cosine_schedule_values():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="cosine")
+    steps = 100  # per epoch; 1000 in total
+    assert lr_at(cfg, 0, steps) == pytest.approx(0.1)
+    assert lr_at(cfg, 500, steps) == pytest.approx(0.05)
+    assert lr_at(cfg, 250, steps) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(cfg, 999, steps) == pytest.approx(0.05 * (1 + math.cos(math.pi * 999 / 1000)))
+    assert lr_at(cfg, 999, steps) < 1e-5
+
+
+def test_multistep_schedule_values():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    steps = 10
+    assert lr_at(cfg, 0, steps) == pytest.approx(0.1)
+    assert lr_at(cfg, 49, steps) == pytest.approx(0.1)  # last step of epoch 4
+    assert lr_at(cfg, 50, steps) == pytest.approx(0.01)  # epoch 5 = 0.5 * 10
+    assert lr_at(cfg, 74, steps) == pytest.approx(0.01)
+    assert lr_at(cfg, 75, steps) == pytest.approx(0.001)  # epoch 7.5 = 0.75 * 10
+    assert lr_at(cfg, 99, steps) == pytest.approx(0.001)
+
+
+def test_warmup_is_linear_then_joins_schedule():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="multistep", warmup_epochs=1)
+    steps = 10
+    assert lr_at(cfg, 0, steps) == pytest.approx(0.01)
+    assert lr_at(cfg, 4, steps) == pytest.approx(0.05)
+    assert lr_at(cfg, 9, steps) == pytest.approx(0.1)
+    assert lr_at(cfg, 10, steps) == pytest.approx(0.1)
+
+
+def test_fit_sets_the_scheduled_lr(tmp_path):
+    train, test, _ = _loaders()
+    seen = []
+    model = _model(0)
+    cfg = _cfg(epochs=2, schedule="multistep", milestones=[0.5], gamma=0.1, lr=0.2, max_steps_per_epoch=2)
+    fit(model, train, test, cfg, tmp_path, CPU, on_epoch_end=lambda epoch, row: seen.append(epoch))
+    with safe_open(str(tmp_path / "last.ckpt"), "pt") as f:
+        meta = json.loads(f.metadata()["kse_training_state"])
+    assert seen == [0, 1]
+    assert all(g["lr"] == pytest.approx(0.02) for g in meta["param_groups"])  # epoch 1 is past the milestone
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), r"epochs must be an integer >= 1, got 0"),
+    (dict(epochs=2.5), r"epochs must be an integer >= 1, got 2.5"),
+    (dict(lr=0.0), r"lr must be a positive number, got 0.0"),
+    (dict(lr=float("nan")), r"lr must be a positive number, got nan"),
+    (dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (dict(schedule="step"), r"schedule must be 'cosine' or 'multistep', got 'step'"),
+    (dict(weight_decay=-1.0), r"weight_decay must be >= 0, got -1.0"),
+    (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
+    (dict(milestones=[0.5, 1.5]), r"milestones must be fractions of epochs in \(0, 1\]"),
+    (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),
+    (dict(warmup_epochs=-1.0), r"warmup_epochs must be in \[0, epochs\)"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    (dict(max_steps_per_epoch=0), r"max_steps_per_epoch must be None or an integer >= 1"),
+])
+def test_train_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_defaults_are_valid_and_independent():
+    a, b = TrainConfig(), TrainConfig()
+    a.milestones.append(0.9)
+    assert b.milestones == [0.5, 0.75]
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_counts_and_ranges():
+    _, test, _ = _loaders()
+    model = _model(0)
+    stats = evaluate(model, test, CPU)
+    assert stats["count"] == len(test.dataset) == 8
+    assert 0 <= stats["top1"] <= stats["top5"] <= 100
+    assert math.isfinite(stats["loss"]) and stats["loss"] > 0
+    assert not model.training
+
+
+def test_evaluate_is_exact_for_a_known_classifier():
+    """A model that always predicts class 0 scores exactly the share of label 0."""
+    _, test, _ = _loaders()
+    labels = torch.cat([y for _, y in test])
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.arange(10, 0, -1, dtype=torch.float32)  # ranks classes 0, 1, 2, ...
+            return logits.expand(x.shape[0], 10)
+
+    stats = evaluate(Constant(), test, CPU)
+    assert stats["top1"] == pytest.approx(100 * (labels == 0).float().mean().item())
+    assert stats["top5"] == pytest.approx(100 * (labels < 5).float().mean().item())
+    assert evaluate(Constant(), test, CPU, max_batches=0)["count"] == 0
