@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from kse.data import get_dataset
 from kse.models import get_model
-from kse.train import TrainConfig, build_optimizer, evaluate, fit, load_training_state, lr_at
+from kse.train import (TrainConfig, build_optimizer, evaluate, fit, load_training_state, lr_at,
+                       save_training_state)
 
 CPU = torch.device("cpu")
 
@@ -184,3 +185,18 @@ def test_evaluate_is_exact_for_a_known_classifier():
     assert stats["top1"] == pytest.approx(100 * (labels == 0).float().mean().item())
     assert stats["top5"] == pytest.approx(100 * (labels < 5).float().mean().item())
     assert evaluate(Constant(), test, CPU, max_batches=0)["count"] == 0
+
+
+def test_training_state_keeps_the_amp_scaler(tmp_path):
+    model = _model(0)
+    optimizer = build_optimizer(model, _cfg())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(torch.ones(()))  # the scale tensor is created lazily
+    scaler.update(new_scale=1024.0)
+    save_training_state(tmp_path / "last.ckpt", model, optimizer, 0, [], scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    clone = _model(1)
+    meta = load_training_state(tmp_path / "last.ckpt", clone, build_optimizer(clone, _cfg()), fresh)
+    assert meta["grad_scaler"]["scale"] == 1024.0
+    fresh.scale(torch.ones(()))
+    assert fresh.get_scale() == 1024.0
