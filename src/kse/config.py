@@ -1,0 +1,104 @@
+"""``KSEConfig``: the hyper-parameters of one KSE compression, validated on creation.
+
+Example::
+
+    >>> from kse import KSEConfig
+    >>> cfg = KSEConfig(G=5, T=1, exclude=["fc", "*.downsample.*"])
+    >>> KSEConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class KSEConfig:
+    """What to compress and how.
+
+    Attributes:
+        G: number of indicator groups (KSE Eq. 8), integer >= 2.
+        T: shift of the centroid counts, integer >= 0 (the paper uses T=1 on ImageNet).
+        alpha: weight of the entropy in the indicator, >= 0 (official code: 1).
+        k: nearest neighbours for the kernel entropy, >= 1 (official code: 5).
+        seed: seed of the k-means++ initialisation (results are deterministic for a seed).
+        kmeans_iters: maximum Lloyd iterations per k-means.
+        n_init: k-means restarts, the best by inertia is kept.
+        include: glob patterns of layer names to consider (empty: every conv).
+        exclude: glob patterns of layer names never to compress.
+        skip_first: leave the convolution that reads the network input alone.
+        skip_depthwise: leave depthwise / grouped convolutions alone (KSE needs groups == 1).
+        remove_dead_channels: physically remove producer channels no layer reads any more.
+        input_size: ``(C, H, W)`` used to trace the model for dead-channel removal; default:
+            the model's recorded preprocessing, else ``(C_in, 64, 64)``.
+        filter_fn: optional ``fn(module, name) -> bool``; a layer is compressed only when it
+            returns True (not serialised).
+    """
+
+    G: int = 4
+    T: int = 0
+    alpha: float = 1.0
+    k: int = 5
+    seed: int = 0
+    kmeans_iters: int = 50
+    n_init: int = 1
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+    skip_first: bool = True
+    skip_depthwise: bool = True
+    remove_dead_channels: bool = True
+    input_size: Optional[Tuple[int, int, int]] = None
+    filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _int_at_least("G", self.G, 2)
+        _int_at_least("T", self.T, 0)
+        _int_at_least("k", self.k, 1)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("kmeans_iters", self.kmeans_iters, 1)
+        _int_at_least("n_init", self.n_init, 1)
+        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
+                or not math.isfinite(self.alpha) or self.alpha < 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{name} must be a list of glob patterns (strings), got {value!r}")
+            setattr(self, name, list(value))
+        if self.input_size is not None:
+            size = tuple(self.input_size)
+            if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+                raise ValueError(f"input_size must be (C, H, W) of positive integers, got {self.input_size!r}")
+            self.input_size = size
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be callable as fn(module, name), got {type(self.filter_fn).__name__}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able dict (``filter_fn`` is not included)."""
+        d = asdict(self)
+        d.pop("filter_fn")
+        if d["input_size"] is not None:
+            d["input_size"] = list(d["input_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "KSEConfig":
+        names = {f.name for f in fields(cls)} - {"filter_fn"}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown KSEConfig keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**data)

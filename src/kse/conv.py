@@ -1,0 +1,294 @@
+"""``KSEConv2d``: a convolution whose kernels are shared centroids (KSE Sec. 3.4-3.5).
+
+For each kept input channel c (``q_c > 0``) the N kernels ``W[:, c]`` are replaced by q_c
+centroids ``B_c``; kernel n uses centroid ``idx_c[n]``:
+
+    W'[n, c] = B_c[idx_c[n]]          (Tensor[N, C_kept, kh, kw])
+
+Input channels with ``q_c = 0`` are skipped (``index_select`` on the input). Centroids are
+trainable and assignments frozen, so the gradient of a centroid is the sum of the gradients
+of the kernels assigned to it (KSE.md §6). All centroids of a layer live in one parameter
+``centroids: Tensor[M, kh, kw]`` (M = sum_c q_c); ``assignment: LongTensor[C_kept, N]``
+holds, for each kept channel and output, the row of its centroid.
+
+Forms (``layer.form``): ``"train"`` rebuilds W' every call (gradients reach the centroids);
+``"dense"`` caches W' once (inference: a dense conv over the kept channels); ``"split"``
+is the paper's deployment (Fig. 2): convolve every kept map with its q_c centroids, then
+sum the maps of the assigned centroids ("channel fusion"). See :func:`kse.deploy_`.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from kse.conv import KSEConv2d
+    >>> conv = nn.Conv2d(8, 16, 3, padding=1)
+    >>> counts = torch.tensor([0, 1, 2, 4, 4, 8, 16, 16])
+    >>> layer = KSEConv2d.from_conv(conv, counts)
+    >>> layer(torch.randn(2, 8, 10, 10)).shape
+    torch.Size([2, 16, 10, 10])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kmeans import batched_kmeans
+
+FORMS = ("train", "dense", "split")
+
+
+def cluster_kernels(weight: Tensor, counts: Tensor, generator: Optional[torch.Generator] = None,
+                    iters: int = 50, n_init: int = 1):
+    """k-means the N kernels of every input channel into ``counts[c]`` centroids.
+
+    Channels are processed in batches of equal count (one batched k-means per distinct q).
+
+    Args:
+        weight: ``Tensor[N, C, kh, kw]``.
+        counts: ``LongTensor[C]``, each in ``[0, N]`` (0: channel dropped).
+    Returns:
+        ``(kept: LongTensor[K], centroids: Tensor[M, kh, kw], assignment: LongTensor[K, N])``
+        with K the channels whose count is > 0, in increasing order, and
+        ``assignment[j, n]`` the centroid row of kernel n of kept channel ``kept[j]``.
+    """
+    N, C, kh, kw = weight.shape
+    counts = counts.to(torch.long).cpu()
+    if counts.shape != (C,) or (counts < 0).any() or (counts > N).any():
+        raise ValueError(f"counts must be LongTensor[{C}] with values in [0, {N}], got {counts.tolist()}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    kept = torch.nonzero(counts > 0).flatten()
+    kernels = weight.detach().reshape(N, C, kh * kw).transpose(0, 1)  # [C, N, D]
+    kept_counts = counts[kept]
+    # centroid rows are laid out channel after channel, in kept order
+    offsets = torch.zeros(len(kept), dtype=torch.long)
+    if len(kept) > 1:
+        offsets[1:] = kept_counts.cumsum(0)[:-1]
+    total = int(kept_counts.sum())
+    centroids = weight.new_empty(total, kh * kw)
+    assignment = torch.empty(len(kept), N, dtype=torch.long)
+    for q in torch.unique(kept_counts).tolist():
+        pos = torch.nonzero(kept_counts == q).flatten()  # positions in `kept`
+        cents, assign = batched_kmeans(kernels[kept[pos].to(weight.device)].float(), int(q),
+                                       iters=iters, n_init=n_init, generator=generator)
+        rows = offsets[pos].unsqueeze(1) + torch.arange(q)  # [P, q]
+        centroids[rows.flatten().to(weight.device)] = cents.reshape(-1, kh * kw).to(weight.dtype)
+        assignment[pos] = assign.cpu() + offsets[pos].unsqueeze(1)
+    return kept, centroids.reshape(total, kh, kw), assignment
+
+
+class KSEConv2d(nn.Module):
+    """2D convolution with KSE-clustered kernels and skipped input channels.
+
+    Build it with :meth:`from_conv`; :meth:`to_conv` gives back an equivalent ``nn.Conv2d``.
+    Supports any stride, padding, dilation and (non-square) kernel; ``groups`` must be 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, kept: Optional[Tensor] = None, centroid_counts: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = nn.modules.utils._pair(kernel_size)
+        self.stride = nn.modules.utils._pair(stride)
+        self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
+        self.dilation = nn.modules.utils._pair(dilation)
+        if kept is None:
+            kept = torch.arange(in_channels)
+        if centroid_counts is None:
+            centroid_counts = torch.full((len(kept),), out_channels, dtype=torch.long)
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        centroid_counts = torch.as_tensor(centroid_counts, dtype=torch.long)
+        if len(kept) != len(centroid_counts):
+            raise ValueError("kept and centroid_counts must have the same length")
+        kh, kw = self.kernel_size
+        total = int(centroid_counts.sum())
+        self.centroids = nn.Parameter(torch.zeros(total, kh, kw))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.register_buffer("kept_channels", kept)
+        self.register_buffer("centroid_counts", centroid_counts)
+        self.register_buffer("assignment", torch.zeros(len(kept), out_channels, dtype=torch.long))
+        self.form = "train"
+        self._deploy: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, counts: Tensor, generator: Optional[torch.Generator] = None,
+                  iters: int = 50, n_init: int = 1) -> "KSEConv2d":
+        """Cluster ``conv``'s kernels with ``counts[c]`` centroids for input channel c.
+
+        ``counts`` is what :func:`kse.centroid_counts` returns (0: drop the channel,
+        N: keep its kernels as they are).
+        """
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"KSE needs groups == 1, got a conv with groups={conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"KSE supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        kept, centroids, assignment = cluster_kernels(conv.weight, counts, generator, iters, n_init)
+        counts = torch.as_tensor(counts, dtype=torch.long).cpu()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, kept, counts[kept])
+        with torch.no_grad():
+            layer.centroids.copy_(centroids)
+            layer.assignment.copy_(assignment)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def to_conv(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (dropped channels get zero kernels)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, 1, self.bias is not None)
+        conv = conv.to(device=self.centroids.device, dtype=self.centroids.dtype)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, self.kept_channels] = self.clustered_weight()
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------ math
+    def clustered_weight(self) -> Tensor:
+        """``W' : Tensor[N, C_kept, kh, kw]`` with ``W'[n, j] = centroids[assignment[j, n]]``."""
+        return self.centroids[self.assignment].transpose(0, 1)
+
+    @property
+    def all_kept(self) -> bool:
+        return len(self.kept_channels) == self.in_channels
+
+    def _select(self, x: Tensor) -> Tensor:
+        if self.all_kept:
+            return x
+        return x.index_select(1, self.kept_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.form == "train":
+            weight = self.clustered_weight()
+        elif self.form == "dense":
+            weight = self._deploy["weight"]
+        else:
+            return self._forward_split(x)
+        return F.conv2d(self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def _forward_split(self, x: Tensor) -> Tensor:
+        """Paper Fig. 2: per-channel centroid convolution, then channel fusion by index."""
+        d = self._deploy
+        xs = self._select(x)
+        maps = []
+        for chans, weight in zip(d["bucket_channels"], d["bucket_weights"]):
+            xb = xs.index_select(1, chans) if chans is not None else xs
+            maps.append(F.conv2d(xb, weight, None, self.stride, self.padding, self.dilation, groups=xb.shape[1]))
+        maps = torch.cat(maps, 1) if len(maps) > 1 else maps[0]  # [B, M, H', W'], bucket order
+        out = F.conv2d(maps, d["fusion"])  # 0/1 fusion matrix as a 1x1 conv
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    # ------------------------------------------------------------------ deployment
+    def set_form(self, form: str) -> "KSEConv2d":
+        """Switch to ``"train"``, ``"dense"`` or ``"split"`` (the latter two freeze the weights)."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self._deploy = {}
+        self.form = form
+        if form == "train":
+            return self
+        with torch.no_grad():
+            if form == "dense":
+                self._deploy["weight"] = self.clustered_weight().contiguous()
+            else:
+                self._deploy.update(self._split_tensors())
+        return self
+
+    def _split_tensors(self) -> dict:
+        counts = self.centroid_counts.cpu()
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        kh, kw = self.kernel_size
+        chans_list, weights, new_row = [], [], torch.empty(int(counts.sum()), dtype=torch.long)
+        start = 0
+        for q in torch.unique(counts).tolist():
+            pos = torch.nonzero(counts == q).flatten()
+            rows = (offsets[pos].unsqueeze(1) + torch.arange(q)).flatten()
+            new_row[rows] = torch.arange(start, start + len(rows))
+            start += len(rows)
+            weights.append(self.centroids[rows.to(self.centroids.device)].reshape(len(rows), 1, kh, kw).contiguous())
+            chans_list.append(None if len(pos) == len(counts) else pos.to(self.centroids.device))
+        # fusion[n, m] = 1 when kernel n of some kept channel uses centroid (new) row m
+        fusion = torch.zeros(self.out_channels, start, dtype=self.centroids.dtype)
+        rows_by_n = new_row[self.assignment.cpu()].transpose(0, 1)  # [N, K]
+        fusion.scatter_(1, rows_by_n, 1.0)
+        return {"bucket_channels": chans_list, "bucket_weights": weights,
+                "fusion": fusion.view(self.out_channels, start, 1, 1).to(self.centroids.device)}
+
+    def _apply(self, fn, recurse=True):  # keep cached deploy tensors on the module's device/dtype
+        super()._apply(fn, recurse)
+        if self.form != "train":
+            self.set_form(self.form)
+        return self
+
+    # ------------------------------------------------------------------ channel removal
+    def remove_out_channels(self, remove: Sequence[int]) -> "KSEConv2d":
+        """A copy without output channels ``remove``; unused centroids are dropped."""
+        keep_out = [n for n in range(self.out_channels) if n not in set(remove)]
+        assignment = self.assignment[:, keep_out]
+        # compact: keep only centroid rows still referenced, preserving order
+        used = torch.zeros(len(self.centroids), dtype=torch.bool, device=assignment.device)
+        used[assignment.flatten()] = True
+        new_index = torch.cumsum(used.long(), 0) - 1
+        kept_row = torch.zeros(len(self.centroids), dtype=torch.long, device=assignment.device)
+        owner = torch.repeat_interleave(torch.arange(len(self.kept_channels), device=assignment.device),
+                                        self.centroid_counts)
+        counts = torch.zeros(len(self.kept_channels), dtype=torch.long, device=assignment.device)
+        counts.index_add_(0, owner[used], torch.ones(int(used.sum()), dtype=torch.long, device=assignment.device))
+        layer = KSEConv2d(self.in_channels, len(keep_out), self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.bias is not None, self.kept_channels.clone(), counts.cpu())
+        layer = layer.to(self.centroids.device, self.centroids.dtype)
+        with torch.no_grad():
+            layer.centroids.copy_(self.centroids[used])
+            layer.assignment.copy_(new_index[assignment])
+            if self.bias is not None:
+                layer.bias.copy_(self.bias[keep_out])
+        del kept_row
+        return layer.set_form(self.form)
+
+    def remove_in_channels(self, remove: Sequence[int]) -> "KSEConv2d":
+        """A copy reading ``in_channels - len(remove)`` maps; every removed channel must be one
+        this layer already skips (``q_c = 0``), so the function is unchanged."""
+        remove_set = set(int(r) for r in remove)
+        kept = self.kept_channels.tolist()
+        clash = remove_set.intersection(kept)
+        if clash:
+            raise ValueError(f"cannot remove input channels {sorted(clash)}: the layer still reads them")
+        remaining = [c for c in range(self.in_channels) if c not in remove_set]
+        position = {c: i for i, c in enumerate(remaining)}
+        layer = KSEConv2d(len(remaining), self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.bias is not None, torch.tensor([position[c] for c in kept], dtype=torch.long),
+                          self.centroid_counts.cpu().clone())
+        layer = layer.to(self.centroids.device, self.centroids.dtype)
+        layer.load_state_dict({**self.state_dict(), "kept_channels": layer.kept_channels})
+        return layer.set_form(self.form)
+
+    # ------------------------------------------------------------------ reporting
+    def dense_params(self) -> int:
+        kh, kw = self.kernel_size
+        return self.out_channels * self.in_channels * kh * kw
+
+    def compression_ratio(self) -> float:
+        """Dense kernel parameters / centroid parameters (bias excluded)."""
+        return self.dense_params() / max(self.centroids.numel(), 1)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        return (s + f", kept={len(self.kept_channels)}/{self.in_channels}, centroids={len(self.centroids)}, "
+                f"ratio={self.compression_ratio():.2f}x, form={self.form}")

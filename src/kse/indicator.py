@@ -1,0 +1,204 @@
+"""The KSE indicator: kernel sparsity, kernel entropy and the centroid-count rule.
+
+Li et al., "Exploiting Kernel Sparsity and Entropy for Interpretable CNN Compression",
+CVPR 2019, Sec. 3.1-3.3 (Eqs. 4-8). All functions are pure and batched: every input channel
+of a layer is scored at once, no Python loop over channels.
+
+A conv weight ``W: Tensor[N, C, kh, kw]`` has N output and C input channels. KSE judges each
+*input* channel ``c`` by the N 2D kernels ``W[:, c]`` that read it.
+
+Example::
+
+    >>> import torch, kse
+    >>> w = torch.randn(64, 32, 3, 3)
+    >>> v = kse.kse_indicator(w)              # Tensor[32], in [0, 1]
+    >>> q = kse.centroid_counts(v, 64, G=4)   # LongTensor[32]: 0 (pruned) .. 64 (kept whole)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Bytes of distance matrix allowed per chunk of channels (bounds peak memory on big layers).
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _check_weight(weight: Tensor, name: str = "weight") -> None:
+    if not torch.is_tensor(weight):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim != 4:
+        raise ValueError(f"{name} must be a conv weight Tensor[N, C, kh, kw], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} holds NaN or Inf values; KSE needs finite weights (check the checkpoint)")
+
+
+def kernel_sparsity(weight: Tensor) -> Tensor:
+    """Kernel sparsity of every input channel (KSE Eq. 4).
+
+        s_c = sum_n || W[n, c] ||_1
+
+    Args:
+        weight: ``Tensor[N, C, kh, kw]``.
+    Returns:
+        ``Tensor[C]`` (float, on ``weight``'s device).
+    """
+    _check_weight(weight)
+    return weight.detach().abs().sum(dim=(0, 2, 3))
+
+
+def _nearest_distance_sums(kernels: Tensor, k: int) -> Tensor:
+    """``dm[c, n]``: sum of Euclidean distances from kernel n to its k nearest neighbours
+    among the other kernels of the same channel. ``kernels: Tensor[C, N, D]`` (float64)."""
+    C, N, _ = kernels.shape
+    out = kernels.new_empty(C, N)
+    step = max(1, _CHUNK_BYTES // max(1, N * N * kernels.element_size()))
+    eye = torch.eye(N, dtype=torch.bool, device=kernels.device)
+    for lo in range(0, C, step):
+        chunk = kernels[lo:lo + step]
+        # exact pairwise distances (no matmul trick: duplicates must give exactly 0)
+        dist = torch.cdist(chunk, chunk, compute_mode="donot_use_mm_for_euclid_dist")
+        dist.masked_fill_(eye, float("inf"))
+        out[lo:lo + step] = dist.topk(k, dim=-1, largest=False).values.sum(-1)
+    return out
+
+
+def kernel_entropy(weight: Tensor, k: int = 5) -> Tensor:
+    """Kernel (density) entropy of every input channel (KSE Eqs. 5-6).
+
+    For channel c, flatten its N kernels ``W[:, c]`` to vectors and, for each kernel n,
+    sum the distances to its k nearest neighbours among the other N - 1 kernels:
+
+        dm(n) = sum_{j in kNN(n)} || W[n, c] - W[j, c] ||_2
+        p(n)  = dm(n) / sum_n' dm(n')
+        e_c   = - sum_n p(n) log2 p(n)
+
+    NOTE: the authors' code computes this over the wrong kernels (it reshapes an array
+    already transposed to (C, N, D), see ``official_layout_entropy``); we follow the paper.
+    Edge cases the official code crashes on: ``N <= k`` uses ``k = N - 1``; ``N = 1`` gives
+    0; a ``dm`` of 0 contributes ``0 log 0 = 0``; when every ``dm`` is 0 (all kernels equal)
+    the distribution is taken as uniform, ``e_c = log2 N``.
+
+    Args:
+        weight: ``Tensor[N, C, kh, kw]``.
+        k: number of nearest neighbours (the official code uses 5).
+    Returns:
+        ``Tensor[C]``, each value in ``[0, log2 N]``.
+    """
+    _check_weight(weight)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    N, C = weight.shape[:2]
+    if N == 1:
+        return weight.new_zeros(C)
+    kernels = weight.detach().double().reshape(N, C, -1).transpose(0, 1)  # [C, N, D]
+    dm = _nearest_distance_sums(kernels, min(k, N - 1))
+    return _entropy_of(dm).to(weight.dtype)
+
+
+def _entropy_of(dm: Tensor) -> Tensor:
+    """Entropy (bits) of each row of ``dm: Tensor[C, N] >= 0`` normalised to sum 1;
+    an all-zero row counts as uniform."""
+    total = dm.sum(-1, keepdim=True)
+    N = dm.shape[-1]
+    p = torch.where(total > 0, dm / total.clamp_min(torch.finfo(dm.dtype).tiny), torch.full_like(dm, 1.0 / N))
+    plogp = torch.where(p > 0, p * torch.log2(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))
+    return -plogp.sum(-1)
+
+
+def official_layout_entropy(weight: Tensor, k: int = 5) -> Tensor:
+    """The entropy as the authors' code computes it, kept only for the ablation.
+
+    Their ``Conv2d_KSE.KSE()`` transposes the weight to ``(C, N, D)`` and then calls
+    ``reshape(N, C, -1)`` on it: a reshape is not a transpose, so "channel c" is scored on
+    the wrong kernels (for a square layer, the C kernels of output filter c). Reproduced here
+    so that the difference can be measured (``kse`` never uses it for compression).
+
+    Returns ``Tensor[C]``.
+    """
+    _check_weight(weight)
+    N, C = weight.shape[:2]
+    transposed = weight.detach().double().reshape(N, C, -1).transpose(0, 1).contiguous()  # (C, N, D)
+    scrambled = transposed.reshape(N, C, -1)  # the official code's reshape of a (C, N, D) array
+    # the official code then treats scrambled[:, c] as the N kernels of channel c
+    if N == 1:
+        return weight.new_zeros(C)
+    dm = _nearest_distance_sums(scrambled.transpose(0, 1), min(k, N - 1))
+    return _entropy_of(dm).to(weight.dtype)
+
+
+def minmax_normalize(values: Tensor) -> Tensor:
+    """``(x - min) / (max - min)``; when all values are equal (max == min) every value is 1.
+
+    NOTE: the official code divides by zero there and returns NaN.
+    """
+    lo, hi = values.min(), values.max()
+    if hi - lo <= 0:
+        return torch.ones_like(values)
+    return (values - lo) / (hi - lo)
+
+
+def kse_indicator(weight: Tensor, alpha: float = 1.0, k: int = 5) -> Tensor:
+    """The KSE indicator of every input channel (KSE Eq. 7), in ``[0, 1]``.
+
+        v_c = sqrt( s_c / (1 + alpha * e_c) ),  s and e min-max normalised in the layer,
+
+    then ``v`` itself is min-max normalised in the layer (as in the official code, where
+    alpha = 1). Large ``v``: a channel that matters (dense, hard-to-cluster kernels).
+
+    Args:
+        weight: ``Tensor[N, C, kh, kw]``.
+        alpha: weight of the entropy term (>= 0; 0 scores by sparsity alone).
+        k: nearest neighbours for the entropy.
+    Returns:
+        ``Tensor[C]`` in ``[0, 1]`` (float64 math, returned in ``weight``'s dtype).
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    s = minmax_normalize(kernel_sparsity(weight).double())
+    e = minmax_normalize(kernel_entropy(weight, k).double())
+    return indicator_from_scores(s, e, alpha).to(weight.dtype)
+
+
+def indicator_from_scores(s: Tensor, e: Tensor, alpha: float = 1.0) -> Tensor:
+    """Combine already min-max normalised sparsity ``s`` and entropy ``e`` (Eq. 7), normalised."""
+    return minmax_normalize(torch.sqrt(s / (1 + alpha * e)))
+
+
+def centroid_counts(indicator: Tensor, out_channels: int, G: int = 4, T: int = 0) -> Tensor:
+    """Number of centroids ``q_c`` for each input channel (KSE Eq. 8).
+
+        floor(v G) == 0   -> q_c = 0                      (input channel pruned)
+        ceil(v G)  == G   -> q_c = N                      (all N kernels kept)
+        otherwise          q_c = ceil(N * 2^(g + 1 - T - G)),  g = floor(v G)
+
+    (q is capped at N.) With G=4, T=0: v < .25 pruned, [.25, .5) N/4, [.5, .75) N/2,
+    >= .75 N. The products ``v G`` are taken in float64 so bucket edges are exact.
+
+    Args:
+        indicator: ``Tensor[C]`` in ``[0, 1]``.
+        out_channels: N, the number of kernels per input channel.
+        G: number of groups (integer >= 2).  T: shift (integer >= 0).
+    Returns:
+        ``LongTensor[C]`` with values in ``[0, N]``.
+    """
+    if not isinstance(G, int) or isinstance(G, bool) or G < 2:
+        raise ValueError(f"G must be an integer >= 2, got {G!r}")
+    if not isinstance(T, int) or isinstance(T, bool) or T < 0:
+        raise ValueError(f"T must be an integer >= 0, got {T!r}")
+    if not isinstance(out_channels, int) or out_channels < 1:
+        raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}")
+    v = indicator.detach().double().cpu()
+    if v.ndim != 1 or not torch.isfinite(v).all() or (v < 0).any() or (v > 1).any():
+        raise ValueError("indicator must be a 1-D tensor of finite values in [0, 1]")
+    vG = v * G
+    g = torch.floor(vG)
+    frac = torch.pow(2.0, g + 1 - T - G)
+    q = torch.ceil(out_channels * frac).clamp(max=out_channels)
+    q = torch.where(g == 0, torch.zeros_like(q), q)
+    q = torch.where(torch.ceil(vG) == G, torch.full_like(q, out_channels), q)
+    return q.long().to(indicator.device)

@@ -1,0 +1,135 @@
+"""Exact removal of dead channels after KSE.
+
+When every layer that reads feature map c of a producer convolution has dropped it
+(``q_c = 0``), the producer's output channel c (and its BatchNorm channel) computes something
+nobody reads: remove it, and the model really gets smaller with the very same outputs.
+
+Who reads what comes from Torch-Pruning's ``DependencyGraph`` (its pruning groups follow
+concatenations, splits and residual sums). A channel is removed only where that is exact:
+every item of its group must be the producer or a residual partner (``Conv2d`` output,
+groups == 1), a ``BatchNorm2d``, a whitelisted channel-wise operation (ReLU, add, pooling ...),
+a concat/split, or a KSE reader that skips that channel. Anything else (a ``Linear``, the
+network output, an unknown operation such as the zero-padding of an option-A shortcut) keeps
+the channel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Dict, Iterable, List, Set, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+# grad_fn names (without "Backward<n>") of operations that act on each channel separately
+_CHANNELWISE_OPS = {
+    "Relu", "Add", "Sub", "Mul", "Hardtanh", "Sigmoid", "Silu", "Gelu", "Hardswish", "Hardsigmoid",
+    "LeakyRelu", "Elu", "Tanh", "Mish", "Clamp", "ClampMin", "Threshold", "MaxPool2DWithIndices",
+    "AvgPool2D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D", "NativeDropout", "Clone", "Mean", "Prelu",
+}
+
+Removal = Dict[str, Dict[str, Set[int]]]  # module name -> {"out": {...}, "in": {...}}
+
+
+def _op_name(op) -> str:
+    fn = getattr(op, "_grad_fn", None)
+    name = fn if isinstance(fn, str) else type(fn).__name__ if fn is not None else ""
+    return re.sub(r"Backward\d*$", "", name)
+
+
+def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inputs: Tensor) -> Removal:
+    """Channels that can be removed exactly, per module.
+
+    Args:
+        model: the *dense* model (before KSE layers are swapped in); not modified.
+        counts: centroid counts ``LongTensor[C_in]`` of each layer to compress, by name.
+        example_inputs: a batch the model accepts (used to trace the graph, in eval mode).
+    Returns:
+        ``{module_name: {"out": channels, "in": channels}}``: output channels to remove from
+        convolutions / BatchNorms, and input channels to remove from KSE layers.
+    """
+    import torch_pruning as tp
+    from torch_pruning import ops as tp_ops
+
+    names = {m: n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    finally:
+        model.train(was_training)
+
+    removal: Removal = defaultdict(lambda: {"out": set(), "in": set()})
+    seen_groups: Set[Tuple] = set()
+    for producer in model.modules():
+        if type(producer) is not nn.Conv2d or producer.groups != 1 or producer not in graph.module2node:
+            continue
+        group = graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=list(range(producer.out_channels)))
+        key = tuple(sorted((str(names.get(it.dep.target.module, id(it.dep.target.module))), it.dep.handler.__name__,
+                            tuple(int(i) for i in it.idxs)) for it in group.items))
+        if key in seen_groups:
+            continue
+        seen_groups.add(key)
+        blocked: Set[int] = set()  # root channels that some item still needs
+        plan: List[Tuple[str, str, List[Tuple[int, int]]]] = []
+        for item in group.items:
+            target, handler = item.dep.target.module, item.dep.handler.__name__
+            pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)]
+            roots = {r for _, r in pairs}
+            if isinstance(target, (tp_ops._ConcatOp, tp_ops._SplitOp)):
+                continue  # Torch-Pruning maps the channel indices through these
+            if isinstance(target, tp_ops._ElementWiseOp):
+                if _op_name(target) not in _CHANNELWISE_OPS:
+                    blocked |= roots
+                continue
+            name = names.get(target)
+            if type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_out_channels":
+                plan.append((name, "out", pairs))
+            elif type(target) is nn.BatchNorm2d and handler == "prune_out_channels":
+                plan.append((name, "out", pairs))
+            elif type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_in_channels" and name in counts:
+                q = counts[name]
+                blocked |= {r for i, r in pairs if i >= len(q) or int(q[i]) != 0}
+                plan.append((name, "in", pairs))
+            else:  # a Linear, the network output, another op (reshape, slice, pad ...): keep
+                blocked |= roots
+        for name, kind, pairs in plan:
+            chosen = {i for i, r in pairs if r not in blocked}
+            if chosen:
+                removal[name][kind] |= chosen
+    return {n: v for n, v in removal.items() if v["out"] or v["in"]}
+
+
+def shrink_batchnorm(bn: nn.BatchNorm2d, remove: Iterable[int]) -> nn.BatchNorm2d:
+    """A copy of ``bn`` without channels ``remove``."""
+    remove = set(remove)
+    keep = torch.tensor([c for c in range(bn.num_features) if c not in remove], dtype=torch.long)
+    new = nn.BatchNorm2d(len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new = new.to(device=bn.weight.device if bn.affine else None)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight[keep])
+            new.bias.copy_(bn.bias[keep])
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[keep])
+            new.running_var.copy_(bn.running_var[keep])
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    new.train(bn.training)
+    return new
+
+
+def shrink_conv(conv: nn.Conv2d, remove_out: Iterable[int] = (), remove_in: Iterable[int] = ()) -> nn.Conv2d:
+    """A copy of a dense ``conv`` without the given output / input channels (groups == 1)."""
+    ro, ri = set(remove_out), set(remove_in)
+    keep_out = [c for c in range(conv.out_channels) if c not in ro]
+    keep_in = [c for c in range(conv.in_channels) if c not in ri]
+    new = nn.Conv2d(len(keep_in), len(keep_out), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    1, conv.bias is not None, conv.padding_mode).to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[keep_out][:, keep_in])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[keep_out])
+    new.train(conv.training)
+    return new
