@@ -1,0 +1,27 @@
+"""kse: compress convolutional networks with KSE (Li et al., "Exploiting Kernel Sparsity and
+Entropy for Interpretable CNN Compression", CVPR 2019).
+
+    >>> import kse
+    >>> from kse.models import get_model
+    >>> net = get_model("resnet56", num_classes=10)
+    >>> kse.compress_(net, kse.KSEConfig(G=4))   # in place
+    >>> kse.profile(net, (3, 32, 32)).macs       # paper's accounting
+"""
+
+__version__ = "0.1.0"
+
+from .compress import LayerPlan, compress, compress_, plan
+from .config import KSEConfig
+from .conv import KSEConv2d, cluster_kernels
+from .indicator import (centroid_counts, kernel_entropy, kernel_sparsity, kse_indicator,
+                        official_layout_entropy)
+from .deploy import deploy_
+from .kmeans import batched_kmeans
+from .profile import Profile, profile
+from .serialization import CheckpointError, load, save
+
+__all__ = [
+    "CheckpointError", "KSEConfig", "KSEConv2d", "LayerPlan", "Profile", "batched_kmeans", "centroid_counts", "cluster_kernels",
+    "compress", "compress_", "deploy_", "kernel_entropy", "kernel_sparsity", "kse_indicator",
+    "load", "official_layout_entropy", "plan", "profile", "save",
+]

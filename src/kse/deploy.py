@@ -1,0 +1,100 @@
+"""``deploy_``: put every KSE layer in its fastest inference form.
+
+Forms of a :class:`~kse.conv.KSEConv2d` (outputs equal the training form within 1e-5 relative):
+
+* ``"dense"``: the clustered weight ``Tensor[N, C_kept, kh, kw]`` is built once and run as a
+  dense convolution over the kept input channels (oneDNN / cuDNN do the work);
+* ``"split"``: the paper's deployment (KSE.md §7, Fig. 2): each kept input map is convolved
+  with its q_c centroids (a grouped convolution per centroid-count bucket), then the output
+  channels are fused by summing the maps of their assigned centroids.
+
+With ``form="auto"`` each layer is timed in both forms on the current device, on an input of
+its real shape (recorded by a forward pass), and the faster one is kept; the choice is stored
+in ``layer.form`` and saved with the model, so loading does not measure again.
+
+Example::
+
+    >>> import torch, kse
+    >>> from kse.models import get_model
+    >>> net = kse.compress(get_model("resnet20").eval(), kse.KSEConfig(G=4))
+    >>> forms = kse.deploy_(net, form="dense")
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .conv import FORMS, KSEConv2d
+
+
+def _time(fn, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        fn(x)  # warm-up
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
+            batch_size: int = 1, repeats: int = 5) -> Dict[str, str]:
+    """Switch every KSE layer of ``model`` to an inference form, in place.
+
+    Args:
+        form: ``"auto"`` (measure), ``"dense"``, ``"split"``, or ``"train"`` (undo).
+        input_size: ``(C, H, W)`` for the measuring pass (default: the model's preprocessing).
+        batch_size: batch used when measuring.
+    Returns:
+        ``{layer name: chosen form}``.
+    """
+    if form not in FORMS + ("auto",):
+        raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, KSEConv2d)}
+    if not layers:
+        raise ValueError("the model has no KSE layer to deploy; run kse.compress_ first")
+    if form != "auto":
+        for m in layers.values():
+            m.set_form(form)
+        return {n: form for n in layers}
+
+    if input_size is None:
+        pre = getattr(model, "kse_preprocess", None) or {}
+        if "input_size" not in pre:
+            raise ValueError("deploy_(form='auto') needs input_size=(C, H, W) to measure the layers")
+        input_size = pre["input_size"]
+    p = next(model.parameters())
+    inputs: Dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))
+             for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in layers.values():
+            m.set_form("dense")
+        with torch.no_grad():
+            model(torch.randn(batch_size, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    for name, m in layers.items():
+        x = inputs[name]
+        timings = {}
+        for f in ("dense", "split"):
+            m.set_form(f)
+            timings[f] = _time(m, x, repeats)
+        best = min(timings, key=timings.get)
+        m.set_form(best)
+        chosen[name] = best
+    model.train(was_training)
+    return chosen
