@@ -1,0 +1,379 @@
+"""`kse` subcommands end to end on FakeData (16 px, resnet20, a few steps):
+train -> analyze -> compress -> finetune -> eval -> export -> bench -> demo, and their
+one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kse
+from kse import cli
+from kse.cli import main
+
+TINY = ["--device", "cpu"]
+
+
+def run(argv):
+    """``kse.cli.main(argv)`` in process; returns ``(exit code, stdout, stderr)``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(argv):
+    code, out, err = run(argv)
+    assert code == 0, err
+    assert "Traceback" not in err
+    return out, err
+
+
+def one_error_line(argv) -> str:
+    code, out, err = run(argv)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # NOTE: other jobs may share this machine's cores; one thread keeps the timings sane
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.pop("WORLD_SIZE", None)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- artifacts
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def baseline(work):
+    ok(["train", "--dataset", "fake", "--arch", "resnet20", "--input-size", 16, "--fake-size", 32, "--epochs", 1,
+        "--max-steps", 2, "--batch-size", 8, "--no-channels-last", "--out", work / "base", *TINY])
+    path = work / "base" / "model.kse"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed(work, baseline):
+    path = work / "compressed.kse"
+    out, err = ok(["compress", "--checkpoint", baseline, "--out", path, "--G", 4])
+    assert path.is_file()
+    return path, out
+
+
+@pytest.fixture(scope="module")
+def finetuned(work, compressed):
+    out_dir = work / "ft"
+    ok(["finetune", "--checkpoint", compressed[0], "--out", out_dir, "--epochs", 1, "--max-steps", 2,
+        "--batch-size", 8, "--fake-size", 32, *TINY])
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- commands
+@pytest.mark.parametrize("command", ["models", "analyze", "compress", "finetune", "eval", "export", "bench", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: kse {command}" in capsys.readouterr().out
+
+
+def test_models_lists_registered_names():
+    out, _ = ok(["models"])
+    names = out.split()
+    assert names == sorted(names)
+    assert {"resnet20", "resnet56", "densenet40"} <= set(names)
+
+
+def test_analyze_table_json_and_plot(work, baseline):
+    out, _ = ok(["analyze", "--checkpoint", baseline])
+    lines = out.splitlines()
+    assert lines[1].split() == ["layer", "C_in", "N", "kept", "centroids", "ratio", "v_min", "v_mean", "v_max"]
+    names = [line.split()[0] for line in lines[3:21]]
+    assert names[0] == "layer1.0.conv1" and names[-1] == "layer3.2.conv2"
+    assert "conv1" not in names  # the stem conv is never planned
+    assert "total: 18 layers" in lines[21]
+
+    report_dir = work / "analysis"
+    out, _ = ok(["analyze", "--checkpoint", baseline, "--out", report_dir, "--json", "--G", 5])
+    data = json.loads(out)  # --json prints exactly one JSON object
+    assert data["config"]["G"] == 5 and len(data["planned"]) == 18
+    plans = kse.plan(kse.load(baseline), kse.KSEConfig(G=5, input_size=(3, 16, 16)))
+    for row, p in zip(data["planned"], plans):
+        assert (row["name"], row["kept"], row["centroids"]) == (p.name, p.kept, p.centroids)
+        assert 0.0 == row["indicator_min"] <= row["indicator_mean"] <= row["indicator_max"] == 1.0
+        assert row["ratio"] == pytest.approx(p.out_channels * p.in_channels / p.centroids)
+    assert json.loads((report_dir / "analysis.json").read_text())["planned"] == data["planned"]
+    assert (report_dir / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((report_dir / "args.json").read_text())["G"] == 5
+
+
+def test_analyze_of_a_compressed_checkpoint_lists_its_layers(compressed):
+    out, _ = ok(["analyze", "--checkpoint", compressed[0]])
+    assert "KSE layers already in the model" in out and "form" in out
+
+
+def test_compress_prints_plan_and_profiles(baseline, compressed):
+    path, out = compressed
+    assert "layer3.2.conv2" in out and f"wrote {path}" in out
+    assert "params" in out and "MACs" in out
+    model, base = kse.load(path), kse.load(baseline)
+    layers = [m for m in model.modules() if isinstance(m, kse.KSEConv2d)]
+    assert len(layers) == 18
+    assert model.kse_preprocess == base.kse_preprocess and model.kse_config["G"] == 4
+    assert model.kse_config["input_size"] == [3, 16, 16]
+    after, before = kse.profile(model, (3, 16, 16)), kse.profile(base, (3, 16, 16))
+    assert after.macs < before.macs and after.params < before.params
+    assert model.kse_extra["baseline"] == {"params": before.params, "macs": before.macs}
+    args = json.loads((path.parent / "compressed.args.json").read_text())
+    assert args["G"] == 4 and args["T"] == 0
+
+
+def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finetuned):
+    before, after = kse.load(compressed[0]), kse.load(finetuned / "model.kse")
+    assert after.kse_preprocess == before.kse_preprocess and after.kse_config == before.kse_config
+    pairs = [(a, b) for a, b in zip(before.modules(), after.modules()) if isinstance(a, kse.KSEConv2d)]
+    assert len(pairs) == 18
+    for a, b in pairs:
+        assert torch.equal(a.assignment, b.assignment) and torch.equal(a.kept_channels, b.kept_channels)
+    assert any(not torch.equal(a.centroids, b.centroids) for a, b in pairs)  # the centroids were trained
+    args = json.loads((finetuned / "args.json").read_text())
+    assert (args["lr"], args["weight_decay"], args["schedule"]) == (0.01, 1e-5, "multistep")  # KSE.md §6
+
+    ok(["finetune", "--checkpoint", compressed[0], "--out", finetuned, "--epochs", 2, "--max-steps", 2,
+        "--batch-size", 8, "--fake-size", 32, "--resume", *TINY])
+    rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # epoch 1 came from last.ckpt
+
+
+def test_eval_json(baseline, finetuned):
+    results = {}
+    for name, path in (("base", baseline), ("kse", finetuned / "model.kse")):
+        out, _ = ok(["eval", "--checkpoint", path, "--json", "--repeats", 3, "--warmup", 1, "--max-batches", 1, *TINY])
+        results[name] = json.loads(out)
+    for r in results.values():
+        assert {"top1", "top5", "params", "macs", "latency_ms", "file_bytes"} <= set(r)
+        assert 0 <= r["top1"] <= r["top5"] <= 100
+        assert r["latency_ms"] > 0 and r["params"] > 0 and r["count"] > 0
+    assert results["kse"]["macs"] < results["base"]["macs"]
+    assert results["kse"]["params"] < results["base"]["params"]
+    assert results["kse"]["kse_layers"] == 18 and sum(results["kse"]["forms"].values()) == 18
+    assert results["base"]["kse_layers"] == 0
+
+
+def test_eval_human_output(finetuned):
+    out, _ = ok(["eval", "--checkpoint", finetuned, "--repeats", 2, "--warmup", 0, "--max-batches", 1])
+    assert "top-1" in out and "ms/image" in out and "18 KSE layers" in out  # a folder means its model.kse
+
+
+def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
+    ort = pytest.importorskip("onnxruntime")
+    out_dir = work / "export"
+    out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir])
+    onnx_file, ts_file = out_dir / "model.onnx", out_dir / "model.ts.pt"
+    assert f"wrote {onnx_file} (verified" in out and f"wrote {ts_file} (verified" in out
+    manifest = json.loads((out_dir / "export.json").read_text())
+    assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
+    assert set(manifest["exports"]) == {"onnx", "torchscript"}
+
+    # check independently, on a batch size the export never saw
+    model = kse.load(finetuned / "model.kse")
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    got = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts_file))(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch):
+    monkeypatch.setattr(cli, "_max_rel_diff", lambda out, ref: 0.5)
+    out_dir = work / "export-bad"
+    line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript"])
+    assert "does not match PyTorch: max relative difference 0.5 > 0.0001" in line
+    assert not (out_dir / "model.ts.pt").exists()
+
+
+def test_bench_json(finetuned):
+    out, _ = ok(["bench", "--checkpoint", finetuned, "--batch-size", 1, 2, "--repeats", 2, "--warmup", 0, "--json"])
+    data = json.loads(out)
+    assert [r["batch_size"] for r in data["results"]] == [1, 2]
+    for res in data["results"]:
+        assert len(res["layers"]) == 18
+        for row in res["layers"]:
+            assert min(row["conv_ms"], row["dense_ms"], row["split_ms"]) > 0
+            assert row["best"] in ("dense", "split")
+            assert row["dense_speedup"] == pytest.approx(row["conv_ms"] / row["dense_ms"])
+        model = res["model"]
+        assert model["speedup"] == pytest.approx(model["dense_ms"] / model["kse_ms"])
+        assert sum(model["forms"].values()) == 18
+
+
+def test_bench_table(finetuned):
+    out, _ = ok(["bench", "--checkpoint", finetuned, "--batch-size", 1, "--repeats", 1, "--warmup", 0])
+    assert "conv/split" in out and "whole model: dense baseline" in out
+
+
+def test_demo_on_a_fake_checkpoint(work, baseline):
+    out_dir = work / "demo"
+    out, err = ok(["demo", "--checkpoint", baseline, "--out", out_dir, "--finetune-steps", 3, "--batch-size", 8,
+                   "--fake-size", 32, "--repeats", 2, *TINY])
+    assert all(f"[{i}/7]" in err for i in range(1, 8))  # progress on stderr
+    assert "top-1 (%)" in out and "CPU latency, batch 64 (ms)" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["dataset"] == "fake"  # the dataset recorded in the checkpoint
+    base, comp = report["baseline"], report["compressed"]
+    assert comp["macs"] < base["macs"] and comp["params"] < base["params"]
+    assert comp["file_bytes"] < base["file_bytes"]
+    assert 0 <= comp["top1"] <= 100 and 0 <= comp["top1_before_finetune"] <= 100
+    assert set(comp["latency_ms"]) == {"1", "64"} and all(v > 0 for v in comp["latency_ms"].values())
+    assert report["finetune"]["steps"] == 3
+    assert "| top-1 (%) |" in (out_dir / "report.md").read_text()
+    assert (out_dir / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    model = kse.load(out_dir / "model.kse")
+    assert sum(isinstance(m, kse.KSEConv2d) for m in model.modules()) == 18
+    assert model.kse_preprocess == kse.load(baseline).kse_preprocess
+
+
+# ----------------------------------------------------------------------------- errors
+def test_demo_without_a_baseline_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_demo_checkpoint_candidates", lambda: [tmp_path / "checkpoints/resnet56-fmnist.kse"])
+    line = one_error_line(["demo", "--out", tmp_path / "demo"])
+    assert line.startswith(f"kse demo: error: no baseline checkpoint at {tmp_path / 'checkpoints/resnet56-fmnist.kse'}")
+    assert "kse train --arch resnet56 --dataset fashion-mnist --out checkpoints/resnet56-fmnist" in line
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_default_candidates_are_the_repository_and_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = cli._demo_checkpoint_candidates()
+    root = type(tmp_path)(kse.__file__).resolve().parents[2]
+    assert found[0] == root / "checkpoints" / "resnet56-fmnist.kse"
+    assert tmp_path / "checkpoints" / "resnet56-fmnist.kse" in found
+
+
+COMMANDS = {
+    "analyze": [], "compress": ["--out", "{tmp}/c.kse"], "finetune": ["--out", "{tmp}/ft"], "eval": [],
+    "export": ["--out", "{tmp}/ex"], "bench": [], "demo": ["--out", "{tmp}/demo"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_missing_checkpoint(command, tmp_path):
+    extra = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+    line = one_error_line([command, "--checkpoint", tmp_path / "nope.kse", *extra])
+    assert line == f"kse {command}: error: --checkpoint: file not found: {tmp_path / 'nope.kse'}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_not_a_kse_file(command, tmp_path):
+    bogus = tmp_path / "notes.kse"
+    bogus.write_text("this is not a checkpoint\n")
+    extra = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+    line = one_error_line([command, "--checkpoint", bogus, *extra])
+    assert line.startswith(f"kse {command}: error: --checkpoint: {bogus} is not a KSE checkpoint")
+
+
+def test_training_state_given_as_checkpoint(baseline):
+    line = one_error_line(["eval", "--checkpoint", baseline.parent / "last.ckpt"])
+    assert "is a training state (last.ckpt), not a model; pass the model.kse written next to it" in line
+
+
+@pytest.mark.parametrize("command, extra", [("compress", ["--out", "c.kse"]), ("analyze", []), ("demo", [])])
+def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line([command, "--checkpoint", baseline, "--G", 1, *extra])
+    assert line == f"kse {command}: error: --G: G must be an integer >= 2, got 1"
+    assert not (tmp_path / "c.kse").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--alpha", "-1"], "kse compress: error: --alpha: alpha must be a finite number >= 0, got -1.0"),
+    (["--T", "-1"], "kse compress: error: --T: T must be an integer >= 0, got -1"),
+])
+def test_other_bad_kse_values(argv, match, baseline, tmp_path):
+    assert one_error_line(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", *argv]) == match
+
+
+def test_compress_refuses_to_overwrite_its_input(baseline):
+    line = one_error_line(["compress", "--checkpoint", baseline, "--out", baseline])
+    assert line == "kse compress: error: --out must differ from --checkpoint (the baseline would be overwritten)"
+
+
+def test_compress_of_a_compressed_checkpoint(compressed, tmp_path):
+    line = one_error_line(["compress", "--checkpoint", compressed[0], "--out", tmp_path / "again.kse"])
+    assert "already KSE-compressed" in line
+
+
+def test_bench_needs_kse_layers(baseline):
+    line = one_error_line(["bench", "--checkpoint", baseline])
+    assert line.endswith("has no KSE layers; compress it first with `kse compress`")
+
+
+def test_eval_with_a_dataset_that_does_not_fit_the_model(tmp_path):
+    from kse.models import get_model
+
+    path = tmp_path / "five.kse"
+    kse.save(get_model("resnet20", num_classes=5), path,
+             preprocess={"dataset": "fake", "input_size": [3, 16, 16], "num_classes": 5})
+    line = one_error_line(["eval", "--checkpoint", path])
+    assert line == (f"kse eval: error: dataset 'fake' has 10 classes but the model in {path} predicts 5; "
+                    "use the dataset it was trained on ('fake')")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "--repeats", "0"], "kse eval: error: --repeats must be >= 1, got 0"),
+    (["eval", "--max-batches", "0"], "kse eval: error: --max-batches must be >= 1, got 0"),
+    (["bench", "--batch-size", "1", "0"], "kse bench: error: --batch-size must be >= 1, got 0"),
+    (["demo", "--finetune-steps", "-1"], "kse demo: error: --finetune-steps must be >= 0, got -1"),
+    (["eval", "--dataset", "cifar11"], "kse eval: error: unknown dataset 'cifar11'; choose one of: "),
+])
+def test_bad_flag_values(argv, match, finetuned):
+    assert one_error_line([*argv, "--checkpoint", finetuned]).startswith(match)
+
+
+def test_report_formatting():
+    from kse.report import fmt_bytes, fmt_count, fmt_ratio, text_table
+
+    assert (fmt_count(851504), fmt_count(125_485_706), fmt_count(12)) == ("851.50K", "125.49M", "12")
+    assert (fmt_bytes(3 * 2 ** 20), fmt_bytes(512)) == ("3.00 MiB", "512 B")
+    assert (fmt_ratio(10, 4), fmt_ratio(1, 0)) == ("2.50x", "-")
+    assert text_table(["name", "n"], [["a", 1], ["long", 100]]).splitlines() == [
+        "name    n", "----  ---", "a       1", "long  100"]
+
+
+def test_yaml_config_sets_compress_defaults(baseline, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("G: 5\nexclude: ['layer3.*']\n")
+    out, _ = ok(["compress", "--config", config, "--checkpoint", baseline, "--out", tmp_path / "c5.kse"])
+    model = kse.load(tmp_path / "c5.kse")
+    assert model.kse_config["G"] == 5 and model.kse_config["exclude"] == ["layer3.*"]
+    names = [n for n, m in model.named_modules() if isinstance(m, kse.KSEConv2d)]
+    assert len(names) == 12 and not any(n.startswith("layer3") for n in names)
+    assert json.loads((tmp_path / "c5.args.json").read_text())["config"] == str(config)
+
+
+def test_errors_as_a_process_have_no_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kse.cli", "eval", "--checkpoint", str(tmp_path / "x.kse")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"kse eval: error: --checkpoint: file not found: {tmp_path / 'x.kse'}"
