@@ -183,6 +183,7 @@ def test_eval_human_output(finetuned):
     assert "top-1" in out and "ms/image" in out and "18 KSE layers" in out  # a folder means its model.kse
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
     ort = pytest.importorskip("onnxruntime")
     out_dir = work / "export"
