@@ -54,17 +54,38 @@ def kernel_sparsity(weight: Tensor) -> Tensor:
 def _nearest_distance_sums(kernels: Tensor, k: int) -> Tensor:
     """``dm[c, n]``: sum of Euclidean distances from kernel n to its k nearest neighbours
     among the other kernels of the same channel. ``kernels: Tensor[C, N, D]`` (float64)."""
-    C, N, _ = kernels.shape
+    if kernels.shape[-1] == 1:
+        return _nearest_distance_sums_1d(kernels.squeeze(-1), k)
+    C, N, D = kernels.shape
     out = kernels.new_empty(C, N)
     step = max(1, _CHUNK_BYTES // max(1, N * N * kernels.element_size()))
     eye = torch.eye(N, dtype=torch.bool, device=kernels.device)
     for lo in range(0, C, step):
         chunk = kernels[lo:lo + step]
-        # exact pairwise distances (no matmul trick: duplicates must give exactly 0)
-        dist = torch.cdist(chunk, chunk, compute_mode="donot_use_mm_for_euclid_dist")
-        dist.masked_fill_(eye, float("inf"))
-        out[lo:lo + step] = dist.topk(k, dim=-1, largest=False).values.sum(-1)
+        # candidates by the fast Gram-matrix distances, then exact distances for the k chosen
+        # (so that duplicate kernels are exactly 0 apart)
+        fast = chunk.float()
+        sq = fast.pow(2).sum(-1)
+        approx = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), fast, fast.transpose(1, 2), alpha=-2)
+        approx.masked_fill_(eye, float("inf"))
+        idx = approx.topk(k, dim=-1, largest=False).indices  # [c, N, k]
+        neighbours = chunk.gather(1, idx.reshape(len(chunk), N * k, 1).expand(-1, -1, D)).view(len(chunk), N, k, D)
+        out[lo:lo + step] = (neighbours - chunk.unsqueeze(2)).norm(dim=-1).sum(-1)
     return out
+
+
+def _nearest_distance_sums_1d(values: Tensor, k: int) -> Tensor:
+    """1x1 kernels: the k nearest neighbours of a scalar lie among the k values on either
+    side of it in sorted order, so sort once and look at 2k candidates (exact)."""
+    C, N = values.shape
+    sorted_vals, order = values.sort(dim=-1)
+    pad = torch.full((C, k), float("inf"), dtype=values.dtype, device=values.device)
+    padded = torch.cat([pad, sorted_vals, pad], dim=1)  # [C, N + 2k]
+    offsets = torch.cat([torch.arange(-k, 0), torch.arange(1, k + 1)]).to(values.device)
+    pos = torch.arange(N, device=values.device).unsqueeze(1) + k + offsets  # [N, 2k]
+    cand = (padded[:, pos] - sorted_vals.unsqueeze(-1)).abs()  # [C, N, 2k]; inf past the ends
+    dm_sorted = cand.topk(k, dim=-1, largest=False).values.sum(-1)
+    return torch.empty_like(dm_sorted).scatter_(1, order, dm_sorted)
 
 
 def kernel_entropy(weight: Tensor, k: int = 5) -> Tensor:

@@ -82,6 +82,36 @@ def _lloyd(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Tenso
     return centroids, assign, inertia
 
 
+def _lloyd_1d(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Lloyd's algorithm for scalar points (1x1 kernels), exact and O(N log q) per iteration:
+    with the points sorted, each cluster is a contiguous run bounded by centroid midpoints,
+    and its sum comes from a prefix sum."""
+    B, N, _ = points.shape
+    xs, order = points.squeeze(-1).sort(-1)
+    prefix = torch.nn.functional.pad(xs.cumsum(-1), (1, 0))  # [B, N + 1]
+    cents = centroids.squeeze(-1).sort(-1).values
+    bounds = None
+    for _ in range(iters):
+        mids = (cents[:, 1:] + cents[:, :-1]) / 2
+        new_bounds = torch.searchsorted(xs, mids)  # [B, q - 1]: first point of each next cluster
+        if bounds is not None and torch.equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        starts = torch.nn.functional.pad(bounds, (1, 0), value=0)
+        ends = torch.nn.functional.pad(bounds, (0, 1), value=N)
+        counts = (ends - starts).to(xs.dtype)
+        sums = prefix.gather(1, ends) - prefix.gather(1, starts)
+        cents = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # empty: keep
+        cents = cents.sort(-1).values
+    mids = (cents[:, 1:] + cents[:, :-1]) / 2
+    bounds = torch.searchsorted(xs, mids)
+    rank = torch.arange(N, device=xs.device).expand(B, N).contiguous()
+    sorted_assign = torch.searchsorted(bounds, rank, right=True)  # cluster of each sorted point
+    assign = torch.empty_like(sorted_assign).scatter_(1, order, sorted_assign)
+    inertia = (xs - cents.gather(1, sorted_assign)).pow(2).sum(-1)
+    return cents.unsqueeze(-1), assign, inertia
+
+
 def batched_kmeans(points: Tensor, q: int, iters: int = 50, n_init: int = 1,
                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """k-means with ``q`` centroids on each of B point sets.
@@ -113,7 +143,8 @@ def batched_kmeans(points: Tensor, q: int, iters: int = 50, n_init: int = 1,
         chunk = points[lo:lo + step]
         best_c = best_a = best_i = None
         for _ in range(n_init):
-            c, a, inertia = _lloyd(chunk, kmeans_plusplus(chunk, q, generator), iters)
+            lloyd = _lloyd_1d if D == 1 else _lloyd
+            c, a, inertia = lloyd(chunk, kmeans_plusplus(chunk, q, generator), iters)
             if best_i is None:
                 best_c, best_a, best_i = c, a, inertia
             else:

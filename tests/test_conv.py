@@ -1,0 +1,125 @@
+"""KSEConv2d: training form vs dense reference, deploy forms, centroid gradients, removal."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kse
+from kse.conv import KSEConv2d, cluster_kernels
+
+
+def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(C, N, k, stride, padding, dilation, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        if bias:
+            conv.bias.copy_(torch.randn(N, generator=g))
+    if counts is None:
+        counts = torch.randint(0, N + 1, (C,), generator=g)
+        counts[0] = 0
+        counts[-1] = 1
+    return conv, KSEConv2d.from_conv(conv, counts), counts
+
+
+def reference_forward(layer, x):
+    """Slow reference: loop over outputs and kept channels, conv with each kernel's centroid."""
+    out = 0
+    B = x.shape[0]
+    cols = []
+    for n in range(layer.out_channels):
+        acc = 0
+        for j, c in enumerate(layer.kept_channels.tolist()):
+            kernel = layer.centroids[layer.assignment[j, n]]
+            acc = acc + F.conv2d(x[:, c:c + 1], kernel[None, None], None, layer.stride, layer.padding, layer.dilation)
+        if layer.bias is not None:
+            acc = acc + layer.bias[n]
+        cols.append(acc if torch.is_tensor(acc) else None)
+    return torch.cat(cols, 1)
+
+
+def test_training_form_matches_loop_reference_and_to_conv():
+    conv, layer, counts = make_layer()
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), layer.to_conv()(x), rtol=1e-5, atol=1e-5)
+    # counts respected; each kernel replaced by the mean of its cluster
+    assert layer.centroid_counts.tolist() == counts[counts > 0].tolist()
+    assert layer.kept_channels.tolist() == torch.nonzero(counts > 0).flatten().tolist()
+
+
+def test_full_count_keeps_kernels_exactly():
+    conv, layer, _ = make_layer(counts=torch.full((6,), 8))
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(layer(x), conv(x))
+    assert layer.compression_ratio() == pytest.approx(1.0)
+
+
+def test_centroid_gradient_is_sum_of_member_kernel_gradients():
+    conv, layer, _ = make_layer(C=4, N=6, counts=torch.tensor([0, 1, 3, 6]))
+    layer = layer.double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    # gradient w.r.t. the rebuilt dense weight, mapped back by hand
+    w = layer.clustered_weight().detach().requires_grad_(True)
+    y = F.conv2d(x.index_select(1, layer.kept_channels), w, layer.bias, layer.stride, layer.padding)
+    y.square().sum().backward()
+    expected = torch.zeros_like(layer.centroids)
+    for j in range(len(layer.kept_channels)):
+        for n in range(layer.out_channels):
+            expected[layer.assignment[j, n]] += w.grad[n, j]
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.centroids.grad, expected)
+    assert torch.autograd.gradcheck(lambda c: F.conv2d(x.index_select(1, layer.kept_channels), c[layer.assignment].transpose(0, 1),
+                                                       None, 1, 1), (layer.centroids.detach().clone().requires_grad_(True),))
+
+
+@settings(max_examples=25, deadline=None)
+@given(C=st.integers(1, 6), N=st.integers(1, 9), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2), bias=st.booleans(),
+       batch=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_deploy_forms_equal_training_form(C, N, kh, kw, stride, padding, dilation, bias, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, N + 1, (C,), generator=g)
+    counts[-1] = max(int(counts[-1]), 1)  # at least one channel kept
+    conv = nn.Conv2d(C, N, (kh, kw), stride, padding, dilation, bias=bias)
+    layer = KSEConv2d.from_conv(conv, counts, torch.Generator().manual_seed(seed))
+    size = dilation * (max(kh, kw) - 1) + 3
+    x = torch.randn(batch, C, size, size + 1, generator=g)
+    with torch.no_grad():
+        ref = layer(x)
+        torch.testing.assert_close(ref, layer.to_conv()(x), rtol=1e-5, atol=1e-5)
+        for form in ("dense", "split"):
+            layer.set_form(form)
+            torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        layer.set_form("train")
+
+
+def test_remove_in_and_out_channels_keeps_function():
+    conv, layer, counts = make_layer(C=6, N=8, counts=torch.tensor([0, 2, 0, 4, 8, 1]))
+    x = torch.randn(2, 6, 8, 8)
+    y = layer(x)
+    fewer_in = layer.remove_in_channels([0, 2])
+    torch.testing.assert_close(fewer_in(x[:, [1, 3, 4, 5]]), y)
+    fewer_out = layer.remove_out_channels([1, 5, 6])
+    torch.testing.assert_close(fewer_out(x), y[:, [0, 2, 3, 4, 7]])
+    assert fewer_out.centroids.shape[0] <= layer.centroids.shape[0]
+    with pytest.raises(ValueError, match="still reads them"):
+        layer.remove_in_channels([1])
+
+
+def test_from_conv_rejects_unsupported_layers():
+    with pytest.raises(ValueError, match="groups == 1"):
+        KSEConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), torch.ones(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        KSEConv2d.from_conv(nn.Linear(3, 3), torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="counts must be"):
+        cluster_kernels(torch.randn(4, 2, 3, 3), torch.tensor([5, 1]))
+
+
+def test_extra_repr_reports_compression():
+    _, layer, _ = make_layer(counts=torch.tensor([0, 2, 2, 4, 8, 8]))
+    text = repr(layer)
+    assert "kept=5/6" in text and "centroids=24" in text and f"ratio={6 * 8 / 24:.2f}x" in text

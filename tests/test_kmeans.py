@@ -1,0 +1,75 @@
+"""Batched k-means: correctness against a per-set reference, determinism, edge cases."""
+
+import pytest
+import torch
+
+from kse.kmeans import batched_kmeans, kmeans_plusplus
+
+
+def test_recovers_well_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.arange(30) % 3
+    pts = (centers[labels] + 0.1 * torch.randn(30, 2, generator=g)).expand(4, 30, 2).contiguous()
+    cents, assign = batched_kmeans(pts, 3, generator=torch.Generator().manual_seed(1), n_init=3)
+    for b in range(4):
+        # same partition as the true labels (up to renaming)
+        mapping = {int(a): int(l) for a, l in zip(assign[b], labels)}
+        assert len(set(mapping.values())) == 3
+        assert all(mapping[int(a)] == int(l) for a, l in zip(assign[b], labels))
+
+
+def test_centroids_are_means_of_their_members():
+    pts = torch.randn(5, 40, 9, generator=torch.Generator().manual_seed(2))
+    cents, assign = batched_kmeans(pts, 6)
+    for b in range(5):
+        for j in assign[b].unique():
+            torch.testing.assert_close(cents[b, j], pts[b][assign[b] == j].mean(0), rtol=1e-5, atol=1e-5)
+        # every point sits with its nearest centroid (Lloyd fixed point)
+        d = torch.cdist(pts[b], cents[b])
+        assert torch.equal(d.argmin(1), assign[b]) or torch.allclose(d.gather(1, assign[b][:, None]).squeeze(1), d.min(1).values)
+
+
+def test_matches_per_set_reference_inertia():
+    """Batched inertia is close to sklearn's per-set KMeans (the official code's way)."""
+    sklearn = pytest.importorskip("sklearn.cluster")
+    pts = torch.randn(6, 64, 9, generator=torch.Generator().manual_seed(3))
+    cents, assign = batched_kmeans(pts, 8, n_init=3)
+    ours = ((pts - cents.gather(1, assign[..., None].expand(-1, -1, 9))) ** 2).sum((1, 2))
+    ref = torch.tensor([sklearn.KMeans(8, n_init=10, random_state=0).fit(p.numpy()).inertia_ for p in pts])
+    assert (ours.double() <= ref.double() * 1.10).all(), (ours, ref)
+
+
+def test_deterministic_for_a_seed():
+    pts = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
+    a = batched_kmeans(pts, 5, generator=torch.Generator().manual_seed(7))
+    b = batched_kmeans(pts, 5, generator=torch.Generator().manual_seed(7))
+    c = batched_kmeans(pts, 5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_duplicates_zero_and_q_edges():
+    dup = torch.ones(2, 10, 9)
+    cents, assign = batched_kmeans(dup, 4)  # fewer distinct points than centroids
+    assert torch.isfinite(cents).all() and (assign >= 0).all() and (assign < 4).all()
+    cents, assign = batched_kmeans(torch.zeros(1, 5, 9), 2)
+    assert torch.equal(cents, torch.zeros(1, 2, 9))
+    pts = torch.randn(2, 6, 3)
+    cents, assign = batched_kmeans(pts, 1)
+    torch.testing.assert_close(cents[:, 0], pts.mean(1))
+    cents, assign = batched_kmeans(pts, 6)
+    assert torch.equal(cents, pts) and torch.equal(assign[0], torch.arange(6))
+
+
+def test_kmeans_plusplus_picks_distinct_points():
+    pts = torch.arange(20.0).view(1, 20, 1)
+    seeds = kmeans_plusplus(pts, 20, torch.Generator().manual_seed(0))
+    assert len(seeds[0].flatten().unique()) == 20  # D^2 sampling never re-picks a chosen point
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"q must be an integer in \[1, 5\], got 6"):
+        batched_kmeans(torch.randn(1, 5, 2), 6)
+    with pytest.raises(ValueError, match=r"Tensor\[B, N, D\]"):
+        batched_kmeans(torch.randn(5, 2), 2)
