@@ -1,0 +1,172 @@
+"""compress_ / compress: layer selection, dead-channel removal, atomicity, errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import kse
+import kse.compress as compress_mod
+from kse.conv import KSEConv2d
+from kse.models import get_model
+
+
+def n_kse(model):
+    return sum(isinstance(m, KSEConv2d) for m in model.modules())
+
+
+def outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_compress_resnet20_runs_trains_and_skips_first_conv():
+    net = get_model("resnet20", num_classes=10)
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    assert type(net.conv1) is nn.Conv2d  # the stem is skipped
+    assert n_kse(net) == 18
+    assert net.kse_config["G"] == 4
+    net.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = net.layer1[0].conv2.centroids.detach().clone()
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    assert not torch.equal(before, net.layer1[0].conv2.centroids)
+
+
+def test_compress_copy_leaves_original_and_never_compresses_twice():
+    net = get_model("resnet20")
+    state = copy.deepcopy(net.state_dict())
+    small = kse.compress(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    assert n_kse(small) == 18 and n_kse(net) == 0
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    # only plain nn.Conv2d layers are chosen: a second pass finds nothing new
+    with pytest.raises(ValueError, match="no eligible convolution"):
+        kse.compress_(small, kse.KSEConfig(G=4, skip_first=False, exclude=["conv1"]))
+
+
+def test_layer_selection_include_exclude_filter():
+    net = get_model("resnet20")
+    plans = kse.plan(net, kse.KSEConfig(include=["layer1.*"], exclude=["*.conv2"]))
+    assert [p.name for p in plans] == ["layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1"]
+    plans = kse.plan(net, kse.KSEConfig(filter_fn=lambda m, name: m.out_channels == 64))
+    assert len(plans) == 6  # the six convs of layer3
+    assert all(net.get_submodule(p.name).out_channels == 64 for p in plans)
+
+
+def test_depthwise_skipped_and_grouped_model():
+    net = torchvision.models.mobilenet_v2(num_classes=10)
+    plans = kse.plan(net, kse.KSEConfig())
+    assert plans and all(net.get_submodule(p.name).groups == 1 for p in plans)
+    assert "features.0.0" not in {p.name for p in plans}  # the stem
+
+
+def test_dead_channels_really_removed_on_resnet56():
+    torch.manual_seed(0)
+    net = get_model("resnet56").eval()
+    x = torch.randn(3, 3, 32, 32)
+    cfg = dict(G=4, seed=3, input_size=(3, 32, 32))
+    kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
+    removed = kse.compress(net, kse.KSEConfig(**cfg))
+    torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    # every block's conv1 lost the channels its conv2 dropped
+    block = removed.layer2[3]
+    assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
+    assert block.conv1.out_channels < 32
+    assert sum(p.numel() for p in removed.parameters()) < sum(p.numel() for p in kept.parameters())
+    # residual stream channels feed the classifier: never removed
+    assert all(b.conv2.out_channels == b.bn2.num_features for s in (removed.layer1, removed.layer2, removed.layer3) for b in s)
+    assert removed.layer3[8].bn2.num_features == 64
+
+
+@pytest.mark.parametrize("builder,size", [(torchvision.models.resnet50, 64), (torchvision.models.densenet121, 64)])
+def test_dead_channel_removal_changes_no_output_torchvision(builder, size):
+    torch.manual_seed(0)
+    net = builder(num_classes=10).eval()
+    # trained-like BN statistics so that every channel matters
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, size, size)
+    cfg = dict(G=5, T=1, seed=1, input_size=(3, size, size), kmeans_iters=10)
+    kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
+    removed = kse.compress(net, kse.KSEConfig(**cfg))
+    torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    n_kept = sum(p.numel() for p in kept.parameters())
+    n_removed = sum(p.numel() for p in removed.parameters())
+    if builder is torchvision.models.resnet50:
+        assert n_removed < n_kept  # bottleneck conv1/conv2 outputs are read by one conv each
+    else:
+        assert n_removed <= n_kept
+
+
+def test_failed_compress_leaves_model_unchanged(monkeypatch):
+    net = get_model("resnet20").eval()
+    state = copy.deepcopy(net.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    y = outputs(net, x)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(compress_mod, "find_dead_channels", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    assert n_kse(net) == 0 and net.state_dict().keys() == state.keys()
+    torch.testing.assert_close(outputs(net, x), y)
+
+    monkeypatch.undo()
+    with torch.no_grad():
+        net.layer3[2].conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'layer3.2.conv2': .*NaN or Inf"):
+        kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    assert n_kse(net) == 0
+
+
+def test_swap_failure_is_rolled_back(monkeypatch):
+    net = get_model("resnet20").eval()
+    calls = {"n": 0}
+    real = compress_mod._set_module
+
+    def flaky(model, name, module):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("swap failed")
+        real(model, name, module)
+
+    monkeypatch.setattr(compress_mod, "_set_module", flaky)
+    with pytest.raises(RuntimeError, match="swap failed"):
+        kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    assert n_kse(net) == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(G=1), "G must be an integer >= 2, got 1"),
+    (dict(G=2.5), "G must be an integer >= 2, got 2.5"),
+    (dict(T=-1), "T must be an integer >= 0, got -1"),
+    (dict(alpha=-0.5), "alpha must be a finite number >= 0, got -0.5"),
+    (dict(k=0), "k must be an integer >= 1, got 0"),
+    (dict(input_size=(3, 32)), "input_size must be"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kse.KSEConfig(**kwargs)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = kse.KSEConfig(G=5, T=1, exclude=["fc"], input_size=(3, 224, 224))
+    assert kse.KSEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown KSEConfig keys"):
+        kse.KSEConfig.from_dict({"G": 4, "groups": 2})
+
+
+def test_model_without_eligible_conv():
+    with pytest.raises(ValueError, match="no eligible convolution"):
+        kse.compress_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), kse.KSEConfig())
+    with pytest.raises(TypeError, match="kse.KSEConfig"):
+        kse.compress_(get_model("resnet20"), {"G": 4})

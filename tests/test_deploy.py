@@ -1,0 +1,34 @@
+"""deploy_: forms equal the training form on whole models; choice is recorded."""
+
+import pytest
+import torch
+
+import kse
+from kse.models import get_model
+
+
+@pytest.mark.parametrize("form", ["dense", "split", "auto"])
+def test_deploy_whole_model_matches_training_form(form):
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=5, input_size=(3, 32, 32)))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        chosen = kse.deploy_(net, form=form, input_size=(3, 32, 32))
+        out = net(x)
+    assert set(chosen.values()) <= {"dense", "split"}
+    assert all(net.get_submodule(n).form == f for n, f in chosen.items())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    kse.deploy_(net, form="train")
+    assert all(m.form == "train" for m in net.modules() if isinstance(m, kse.KSEConv2d))
+
+
+def test_deploy_errors():
+    with pytest.raises(ValueError, match="no KSE layer"):
+        kse.deploy_(get_model("resnet20"))
+    net = get_model("resnet20")
+    kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    with pytest.raises(ValueError, match="form must be"):
+        kse.deploy_(net, form="fast")
+    with pytest.raises(ValueError, match="needs input_size"):
+        kse.deploy_(net, form="auto")
