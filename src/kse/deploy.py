@@ -22,28 +22,13 @@ Example::
 
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .conv import FORMS, KSEConv2d
-
-
-def _time(fn, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        fn(x)  # warm-up
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best
+from .timing import time_call
 
 
 def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
@@ -92,7 +77,8 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
         timings = {}
         for f in ("dense", "split"):
             m.set_form(f)
-            timings[f] = _time(m, x, repeats)
+            with torch.no_grad():
+                timings[f] = time_call(m, x, warmup=1, repeats=repeats)["min_ms"]
         best = min(timings, key=timings.get)
         m.set_form(best)
         chosen[name] = best

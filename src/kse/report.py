@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -29,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .conv import KSEConv2d
+from .timing import time_call
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -170,23 +169,6 @@ def plot_layers(rows: Sequence[Dict[str, Any]], path: Path, G: Optional[int] = N
 
 # ----------------------------------------------------------------------------- latency
 @torch.no_grad()
-def time_call(fn: Callable[[Tensor], Any], x: Tensor, warmup: int = 3, repeats: int = 20) -> Dict[str, float]:
-    """Median / min wall time of ``fn(x)`` in milliseconds, after ``warmup`` calls."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        fn(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
-
-
 def measure_latency(model: nn.Module, input_size: Sequence[int], batch_size: int = 1, warmup: int = 3,
                     repeats: int = 20, seed: int = 0) -> Dict[str, float]:
     """Latency of ``model`` (eval mode) on a random ``Tensor[batch_size, *input_size]`` on its device.
