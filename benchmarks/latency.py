@@ -1,0 +1,132 @@
+"""Wall-clock latency of KSE-compressed models against their dense originals (CPU).
+
+For each model and setting, at each batch size, prints (one JSON object):
+* ``dense_ms``: the original dense model;
+* ``pruned_ms``: the *pruned structure*, a dense network with only the kept input channels
+  (every KSE layer as a dense conv over its kept channels, dead producer channels removed);
+* ``kse_ms``: the compressed model after ``kse.deploy_(form="auto")``;
+* ``mac_ratio_pruned`` (dense MACs / pruned-structure MACs) and ``mac_ratio_paper`` (dense /
+  KSE MACs in the paper's accounting), and ``latency_ratio`` = dense_ms / kse_ms;
+* ``goal_no_slower`` (kse_ms <= dense_ms) and ``goal_pruned_ratio``
+  (latency_ratio >= 0.9 * mac_ratio_pruned), the targets of the speed work;
+* per layer: the time of the layer's dense original conv and of each KSE form, and the
+  fraction of the paper's MAC reduction realised in wall-clock time.
+
+    python benchmarks/latency.py [--models resnet56 resnet50] [--checkpoint F] [--repeats 20]
+
+Random weights are used unless ``--checkpoint`` names a trained ``.kse`` file (the channel
+scores, and so the compression, depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import kse
+from kse.conv import KSEConv2d
+from kse.models import get_model
+from kse.report import capture_layer_inputs
+from kse.timing import time_call
+
+SETTINGS = {
+    "resnet56": [dict(G=4), dict(G=5)],
+    "resnet50": [dict(G=5, T=1)],
+}
+INPUT = {"resnet56": (3, 32, 32), "resnet50": (3, 224, 224)}
+BATCHES = {"resnet56": (1, 64), "resnet50": (1, 16)}
+
+
+def pruned_macs(model: nn.Module, input_size) -> int:
+    """MACs of the pruned structure: KSE layers counted as dense convs over their kept channels."""
+    prof = kse.profile(model, input_size)
+    total = prof.macs
+    for row in prof.rows:
+        if row.kind == "KSEConv2d":
+            layer = model.get_submodule(row.name)
+            total += row.dense_macs * len(layer.kept_channels) // layer.in_channels - row.macs
+    return total
+
+
+def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int) -> list:
+    results = []
+    dense_macs = kse.profile(model, input_size).macs
+    for setting in settings:
+        small = kse.compress(model, kse.KSEConfig(**setting, input_size=tuple(input_size)))
+        small.eval()
+        pruned = copy.deepcopy(small)
+        kse.deploy_(pruned, form="dense")
+        paper = kse.profile(small, input_size).macs
+        kse.deploy_(small, form="auto", input_size=input_size)
+        row = {"model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
+               "mac_ratio_paper": dense_macs / paper, "batches": {}}
+        for b in batches:
+            x = torch.randn(b, *input_size)
+            with torch.no_grad():
+                t_dense = time_call(model, x, 2, repeats)["median_ms"]
+                t_pruned = time_call(pruned, x, 2, repeats)["median_ms"]
+                t_kse = time_call(small, x, 2, repeats)["median_ms"]
+            ratio = t_dense / t_kse
+            row["batches"][b] = {"dense_ms": round(t_dense, 3), "pruned_ms": round(t_pruned, 3),
+                                 "kse_ms": round(t_kse, 3), "latency_ratio": round(ratio, 3),
+                                 "goal_no_slower": t_kse <= t_dense,
+                                 "goal_pruned_ratio": ratio >= 0.9 * row["mac_ratio_pruned"]}
+        # per layer, at the largest batch: dense original conv vs each KSE form
+        names = [n for n, m in small.named_modules() if isinstance(m, KSEConv2d)]
+        inputs = capture_layer_inputs(small, names, torch.randn(batches[-1], *input_size))
+        layers = []
+        for n in names:
+            layer = small.get_submodule(n)
+            x = inputs[n]
+            conv = layer.to_conv()
+            prof = kse.profile(nn.Sequential(copy.deepcopy(layer).set_form("train")), tuple(x.shape[1:]))
+            paper_ratio = prof.rows[0].dense_macs / max(prof.rows[0].macs, 1)
+            times = {}
+            with torch.no_grad():
+                times["conv"] = time_call(conv, x, 1, repeats)["median_ms"]
+                for form in ("dense", "split"):
+                    layer.set_form(form)
+                    times[form] = time_call(layer, x, 1, repeats)["median_ms"]
+            best = min(times["dense"], times["split"])
+            speedup = times["conv"] / best
+            layers.append({"layer": n, "conv_ms": round(times["conv"], 4), "dense_ms": round(times["dense"], 4),
+                           "split_ms": round(times["split"], 4), "speedup": round(speedup, 3),
+                           "paper_mac_ratio": round(paper_ratio, 3),
+                           "realised_fraction": round((speedup - 1) / max(paper_ratio - 1, 1e-9), 3)})
+        row["layers"] = layers
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet56"], choices=sorted(SETTINGS))
+    ap.add_argument("--checkpoint", default=None, help="a trained .kse (dense) to use instead of random weights")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = {"benchmark": "latency", "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
+    for name in args.models:
+        if args.checkpoint:
+            model = kse.load(args.checkpoint)
+            size = tuple(model.kse_preprocess["input_size"])
+        else:
+            model = (torchvision.models.resnet50() if name == "resnet50" else get_model(name)).eval()
+            size = INPUT[name]
+        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
