@@ -162,6 +162,10 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
         verbose: print progress to stderr.
     """
     cfg = config if config is not None else KSEConfig()
+    if not isinstance(cfg, KSEConfig):
+        raise TypeError(f"config must be a kse.KSEConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     t0 = time.time()
     example = example_inputs if example_inputs is not None else _example_input(model, cfg)
     plans = plan(model, cfg, example)
