@@ -45,22 +45,19 @@ def kmeans_plusplus(points: Tensor, q: int, generator: torch.Generator) -> Tenso
     distance to the nearest centroid chosen so far (uniform where all distances are 0).
     """
     B, N, D = points.shape
-    rows = torch.arange(B, device=points.device)
     first = torch.randint(N, (B,), generator=generator).to(points.device)
-    centroids = points.new_empty(B, q, D)
-    centroids[:, 0] = points[rows, first]
-    closest = (points - centroids[:, :1]).pow(2).sum(-1)  # [B, N]
     # uniforms drawn up front on the CPU generator: the same picks on CPU and CUDA
-    uniforms = torch.rand(B, q, generator=generator, dtype=torch.float64).to(points.device)
+    uniforms = torch.rand(B, q, generator=generator).to(points.device, points.dtype)
+    centroids = points.new_empty(B, q, D)
+    centroids[:, 0] = points[torch.arange(B, device=points.device), first]
+    closest = (points - centroids[:, :1]).pow_(2).sum(-1)  # [B, N] squared distance to the nearest seed
     for j in range(1, q):
-        cdf = closest.double().cumsum(-1)
-        total = cdf[:, -1:]
-        flat = total <= 0  # all points equal the chosen centroids: draw uniformly
-        cdf = torch.where(flat, torch.arange(1, N + 1, device=points.device, dtype=cdf.dtype).expand(B, N), cdf)
-        target = uniforms[:, j:j + 1] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=N - 1).squeeze(1)
-        centroids[:, j] = points[rows, pick]
-        closest = torch.minimum(closest, (points - centroids[:, j:j + 1]).pow(2).sum(-1))
+        cdf = closest.cumsum(-1)
+        # inverse-CDF draw; where every distance is 0 (only duplicates left) any point will do
+        pick = torch.searchsorted(cdf, uniforms[:, j:j + 1] * cdf[:, -1:], right=True).clamp_(max=N - 1)
+        chosen = points.gather(1, pick.unsqueeze(-1).expand(B, 1, D))  # [B, 1, D]
+        centroids[:, j] = chosen.squeeze(1)
+        torch.minimum(closest, (points - chosen).pow_(2).sum(-1), out=closest)
     return centroids
 
 
