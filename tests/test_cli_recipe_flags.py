@@ -1,14 +1,19 @@
 """CLI flags that the paper's recipes in configs/ need: ``kse finetune --milestones``
-(the ImageNet schedule drops the rate at epochs 7 and 14 of 21, KSE.md §6)."""
+(the ImageNet schedule drops the rate at epochs 7 and 14 of 21, KSE.md §6) and
+``kse train --weights W --epochs 0`` (the ImageNet baselines are torchvision's pretrained
+weights). No network: torchvision's weight loading is replaced by a seeded state dict."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import urllib.error
 
 import pytest
 import torch
+import torchvision
+from torchvision.models._api import WeightsEnum
 
 import kse
 from kse import train as kse_train
@@ -111,3 +116,85 @@ def test_finetune_milestones_out_of_range(tiny_checkpoint, tmp_path, value):
     line = one_error_line(finetune_argv(tiny_checkpoint, tmp_path / "ft", "--epochs", 2, "--milestones", value))
     assert "milestones must be fractions of epochs in (0, 1]" in line
     assert not (tmp_path / "ft").exists()
+
+
+# ----------------------------------------------------------------------------- train --weights
+@pytest.fixture
+def fake_torchvision_weights(monkeypatch):
+    """torchvision's ``get_state_dict`` answers with a seeded resnet18 state dict; records the calls."""
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18().state_dict()
+    calls = []
+
+    def get_state_dict(self, *args, **kwargs):
+        calls.append(str(self))
+        return state
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", get_state_dict)
+    return state, calls
+
+
+def test_train_weights_epochs_0_saves_the_pretrained_model(tmp_path, fake_torchvision_weights):
+    state, calls = fake_torchvision_weights
+    out = tmp_path / "base"
+    code, stdout, err = run(["train", "--arch", "resnet18", "--weights", "DEFAULT", "--epochs", 0, "--dataset", "fake",
+                             "--input-size", 32, "--out", out])
+    assert code == 0, err
+    assert calls == ["ResNet18_Weights.IMAGENET1K_V1"]
+    assert "wrote" in stdout and not (out / "metrics.jsonl").exists() and (out / "args.json").is_file()
+    model = kse.load(out / "model.kse")
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("fc."):  # FakeData has 10 classes: a new classifier
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    assert model.fc.out_features == 10
+    assert "weights" not in model.kse_arch["kwargs"]  # kse.load rebuilds without fetching weights
+    assert model.kse_extra["pretrained"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert model.kse_preprocess["input_size"] == [3, 32, 32]
+
+
+def test_train_from_pretrained_weights(tmp_path, fake_torchvision_weights):
+    state, calls = fake_torchvision_weights
+    out = tmp_path / "tuned"
+    code, _, err = run(["train", "--arch", "resnet18", "--weights", "ResNet18_Weights.IMAGENET1K_V1", "--epochs", 1,
+                        "--max-steps", 1, "--dataset", "fake", "--input-size", 16, "--fake-size", 8,
+                        "--batch-size", 4, "--lr", 1e-3, "--device", "cpu", "--out", out])
+    assert code == 0, err
+    assert calls == ["ResNet18_Weights.IMAGENET1K_V1"]
+    model = kse.load(out / "model.kse")
+    assert model.kse_extra["pretrained"] == "ResNet18_Weights.IMAGENET1K_V1"
+    moved = (model.state_dict()["conv1.weight"] - state["conv1.weight"]).abs().max().item()
+    assert 0 < moved < 0.1  # one small step away from the pretrained weights
+
+
+def test_train_weights_none_is_random_initialisation(tmp_path, fake_torchvision_weights):
+    _, calls = fake_torchvision_weights
+    code, _, err = run(["train", "--arch", "resnet18", "--weights", "none", "--epochs", 1, "--max-steps", 1,
+                        "--dataset", "fake", "--input-size", 16, "--fake-size", 8, "--batch-size", 4,
+                        "--device", "cpu", "--out", tmp_path / "scratch"])
+    assert code == 0, err
+    assert calls == []
+    assert "pretrained" not in (kse.load(tmp_path / "scratch" / "model.kse").kse_extra or {})
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--arch", "resnet20", "--weights", "DEFAULT"], "'resnet20' is not a torchvision model"),
+    (["--arch", "resnet18", "--weights", "IMAGENET9K"], "resnet18 has no weights 'IMAGENET9K'; choose one of: "
+                                                        "IMAGENET1K_V1, DEFAULT"),
+    (["--arch", "resnet18"], "epochs must be an integer >= 1, got 0; --epochs 0 is only for saving --weights"),
+])
+def test_train_weights_errors(argv, match, tmp_path, fake_torchvision_weights):
+    line = one_error_line(["train", *argv, "--epochs", 0, "--dataset", "fake", "--out", tmp_path / "x"])
+    assert match in line
+    assert fake_torchvision_weights[1] == [] and not (tmp_path / "x").exists()
+
+
+def test_train_weights_offline_is_one_line(tmp_path, monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    line = one_error_line(["train", "--arch", "resnet18", "--weights", "DEFAULT", "--epochs", 0, "--dataset", "fake",
+                           "--out", tmp_path / "x"])
+    assert "--weights ResNet18_Weights.IMAGENET1K_V1: could not load them" in line
+    assert "hub/checkpoints" in line and not (tmp_path / "x").exists()
