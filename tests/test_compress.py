@@ -130,21 +130,25 @@ def test_failed_compress_leaves_model_unchanged(monkeypatch):
     assert n_kse(net) == 0
 
 
-def test_swap_failure_is_rolled_back(monkeypatch):
+@pytest.mark.parametrize("fail_at", [10, 25])  # in the first swap loop, and in the removal loop
+def test_swap_failure_is_rolled_back(monkeypatch, fail_at):
     net = get_model("resnet20").eval()
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
     calls = {"n": 0}
-    real = compress_mod._set_module
+    real = compress_mod.set_module
 
     def flaky(model, name, module):
         calls["n"] += 1
-        if calls["n"] == 10:
+        if calls["n"] == fail_at:
             raise RuntimeError("swap failed")
         real(model, name, module)
 
-    monkeypatch.setattr(compress_mod, "_set_module", flaky)
+    monkeypatch.setattr(compress_mod, "set_module", flaky)
     with pytest.raises(RuntimeError, match="swap failed"):
         kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    assert calls["n"] >= fail_at
     assert n_kse(net) == 0
+    assert {k: v.shape for k, v in net.state_dict().items()} == shapes
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -172,3 +176,34 @@ def test_model_without_eligible_conv():
         kse.compress_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), kse.KSEConfig())
     with pytest.raises(TypeError, match="kse.KSEConfig"):
         kse.compress_(get_model("resnet20"), {"G": 4})
+
+
+def test_model_whose_output_is_a_conv():
+    """Channels that are the network's output are never dead, even with no reader."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 5, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    kept = kse.compress(net, kse.KSEConfig(input_size=(3, 12, 12), remove_dead_channels=False))
+    removed = kse.compress(net, kse.KSEConfig(input_size=(3, 12, 12)))
+    assert removed[5].out_channels == 5
+    torch.testing.assert_close(outputs(removed, x), outputs(kept, x))
+    assert removed[2].out_channels < 16  # conv 2's outputs are only read by conv 5, which drops some
+
+
+def test_modes_and_random_stream_are_preserved():
+    net = get_model("resnet20")
+    net.train()
+    net.layer1[0].bn1.eval()  # a frozen BatchNorm inside a training model
+    torch.manual_seed(123)
+    kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))  # compress_ did not consume the global RNG
+    kse.profile(net, (3, 32, 32))
+    assert net.training and net.layer2[0].bn1.training and not net.layer1[0].bn1.training
+
+
+def test_failing_example_input_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"does not run on an example input of shape \(2, 3, 0, 5\)"):
+        kse.compress_(get_model("resnet20"), kse.KSEConfig(input_size=(3, 5, 5)), example_inputs=torch.randn(2, 3, 5, 5)[:, :, :0])

@@ -123,3 +123,39 @@ def test_extra_repr_reports_compression():
     _, layer, _ = make_layer(counts=torch.tensor([0, 2, 2, 4, 8, 8]))
     text = repr(layer)
     assert "kept=5/6" in text and "centroids=24" in text and f"ratio={6 * 8 / 24:.2f}x" in text
+
+
+def test_centroids_are_means_of_member_kernels():
+    conv, layer, counts = make_layer(C=4, N=12, counts=torch.tensor([3, 5, 1, 12]))
+    w = conv.weight.detach()
+    for j, c in enumerate(layer.kept_channels.tolist()):
+        local = layer.local_assignment()[j]
+        for idx in local.unique():
+            members = w[local == idx, c]
+            torch.testing.assert_close(layer.centroids[layer.assignment[j][local == idx][0]], members.mean(0))
+
+
+def test_cached_forms_train_and_refresh():
+    conv, layer, _ = make_layer()
+    x = torch.randn(2, 6, 8, 8)
+    layer.set_form("dense")
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.centroids.grad is not None and layer.centroids.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})
+        torch.testing.assert_close(layer(x) - layer.bias.view(1, -1, 1, 1), 2 * (before - layer.bias.view(1, -1, 1, 1)))
+        layer.set_form("split")
+        layer.centroids.mul_(0.5)  # an in-place update (an optimizer step) refreshes the cache too
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_layer_keeps_precision():
+    conv = nn.Conv2d(3, 4, 3).double()
+    layer = KSEConv2d.from_conv(conv, torch.tensor([4, 2, 4]))
+    assert layer.centroids.dtype == torch.float64
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    w = conv.weight.detach()
+    torch.testing.assert_close(layer.clustered_weight()[:, [0, 2]], w[:, [0, 2]], rtol=0, atol=0)

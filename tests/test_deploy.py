@@ -32,3 +32,19 @@ def test_deploy_errors():
         kse.deploy_(net, form="fast")
     with pytest.raises(ValueError, match="needs input_size"):
         kse.deploy_(net, form="auto")
+
+
+def test_failed_auto_deploy_restores_forms(monkeypatch):
+    import kse.deploy as dep
+
+    net = get_model("resnet20")
+    kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    net.train()
+
+    def boom(*a, **k):
+        raise RuntimeError("timer broke")
+
+    monkeypatch.setattr(dep, "time_call", boom)
+    with pytest.raises(RuntimeError, match="timer broke"):
+        kse.deploy_(net, form="auto", input_size=(3, 32, 32))
+    assert net.training and all(m.form == "train" for m in net.modules() if isinstance(m, kse.KSEConv2d))

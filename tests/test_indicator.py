@@ -147,3 +147,27 @@ def test_bad_weights_raise():
         kse.kse_indicator(torch.randn(2, 2, 3, 3), alpha=-1)
     with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
         kse.kernel_entropy(torch.randn(2, 2, 3, 3), k=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_bucket_like_float64(dtype):
+    w = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    v = kse.kse_indicator(w)
+    assert v.dtype == torch.float32
+    from kse.indicator import _indicator64
+
+    ref = kse.centroid_counts(_indicator64(w.double(), 1.0, 5), 64, 4)
+    from kse.compress import plan
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 64, 3)).to(dtype)
+    with torch.no_grad():
+        net[1].weight.copy_(w)
+    got = plan(net, kse.KSEConfig())[0].counts
+    assert torch.equal(got, ref)
+
+
+def test_centroid_counts_bad_indicator():
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got shape \(2,\) with values in \[-0.5, 1\]"):
+        kse.centroid_counts(torch.tensor([-0.5, 1.0]), 8)
+    with pytest.raises(ValueError, match="out_channels must be an integer >= 1, got 0"):
+        kse.centroid_counts(torch.tensor([0.5]), 0)

@@ -73,3 +73,31 @@ def test_bad_arguments():
         batched_kmeans(torch.randn(1, 5, 2), 6)
     with pytest.raises(ValueError, match=r"Tensor\[B, N, D\]"):
         batched_kmeans(torch.randn(5, 2), 2)
+
+
+def test_1d_lloyd_matches_general_lloyd():
+    from kse.kmeans import _lloyd, _lloyd_1d
+
+    pts = torch.randn(6, 200, 1, generator=torch.Generator().manual_seed(5))
+    seeds = kmeans_plusplus(pts, 7, torch.Generator().manual_seed(1))
+    c_gen, a_gen, i_gen = _lloyd(pts, seeds, 100)
+    c_1d, a_1d, i_1d = _lloyd_1d(pts, seeds, 100)
+    torch.testing.assert_close(i_1d, i_gen, rtol=1e-5, atol=1e-5)
+    for b in range(6):  # same partition (centroid order may differ)
+        pairs = set(zip(a_gen[b].tolist(), a_1d[b].tolist()))
+        assert len(pairs) == len(set(a_gen[b].tolist()))
+
+
+def test_chunking_gives_the_same_result(monkeypatch):
+    import kse.indicator as ind
+    import kse.kmeans as km
+
+    w = torch.randn(20, 12, 3, 3, generator=torch.Generator().manual_seed(6))
+    whole = ind.kernel_entropy(w)
+    pts = torch.randn(9, 30, 4, generator=torch.Generator().manual_seed(7))
+    ref = batched_kmeans(pts, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ind, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(km, "_CHUNK_ELEMS", 1)
+    torch.testing.assert_close(ind.kernel_entropy(w), whole)
+    got = batched_kmeans(pts, 3, generator=torch.Generator().manual_seed(0))
+    assert got[1].shape == ref[1].shape and torch.isfinite(got[0]).all()

@@ -9,7 +9,6 @@ import torchvision
 
 import kse
 from kse.models import get_model
-from kse.profile import index_bits
 
 
 def test_cifar_resnet56_counts():
@@ -39,7 +38,7 @@ def test_kse_layer_counted_as_in_paper():
     assert p.params == 10 * 9
     # stored: 10 centroids x 9 floats, 4-bit mask, indices: q=3 -> 2 bits x 6 kernels (q=1, q=N need none)
     assert p.stored_bits == 10 * 9 * 32 + 4 + 6 * 2
-    assert index_bits(counts[1:], 6) == 12
+    assert layer.index_bit_widths() == [0, 2, 0]
 
 
 def test_compressed_resnet_counts_fall():

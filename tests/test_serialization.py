@@ -128,3 +128,38 @@ def test_save_needs_architecture_and_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         kse.save(net, target)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_profile_index_bits_match_the_file(tmp_path):
+    from safetensors import safe_open
+
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    kse.save(net, tmp_path / "c.kse")
+    with safe_open(str(tmp_path / "c.kse"), "pt") as f:
+        for name, m in net.named_modules():
+            if isinstance(m, kse.KSEConv2d):
+                packed = f.get_tensor(f"{name}.assignment_packed")
+                assert packed.numel() == -(-m.out_channels * sum(m.index_bit_widths()) // 8)
+
+
+def test_malformed_checkpoint_structure(tmp_path):
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    path = kse.save(net, tmp_path / "c.kse")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["kse"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = json.loads(json.dumps(meta))
+    del bad["modules"]["layer1.0.conv2"]["counts"]
+    save_file(tensors, str(tmp_path / "bad1.kse"), metadata={"kse": json.dumps(bad)})
+    with pytest.raises(CheckpointError, match="module 'layer1.0.conv2' has a malformed description"):
+        kse.load(tmp_path / "bad1.kse")
+    missing = dict(tensors)
+    del missing["layer1.0.conv2.assignment_packed"]
+    save_file(missing, str(tmp_path / "bad2.kse"), metadata={"kse": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="packed indices of layer 'layer1.0.conv2' are missing"):
+        kse.load(tmp_path / "bad2.kse")

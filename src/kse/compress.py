@@ -25,6 +25,7 @@ import copy
 import fnmatch
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -34,7 +35,8 @@ from torch import Tensor
 
 from .config import KSEConfig
 from .conv import KSEConv2d
-from .indicator import centroid_counts, kse_indicator
+from .indicator import _indicator64, centroid_counts
+from .modules import eval_mode, set_module
 from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
 
 
@@ -63,15 +65,14 @@ def _first_conv_name(model: nn.Module, example: Optional[Tensor]) -> Optional[st
         order: List[str] = []
         hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: order.append(n))
                  for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, KSEConv2d))]
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 model(example)
-        except Exception:  # noqa: BLE001 - fall back to registration order
-            order = []
+        except Exception as exc:  # noqa: BLE001 - re-raised as one clear error
+            raise ValueError(f"the model does not run on an example input of shape {tuple(example.shape)} "
+                             f"({type(exc).__name__}: {exc}); pass KSEConfig(input_size=(C, H, W)) or "
+                             "example_inputs that it accepts") from None
         finally:
-            model.train(was_training)
             for h in hooks:
                 h.remove()
         if order:
@@ -90,7 +91,9 @@ def select_layers(model: nn.Module, cfg: KSEConfig, example: Optional[Tensor] = 
         if type(m) is not nn.Conv2d or name == first:
             continue
         if m.groups != 1 or m.padding_mode != "zeros":
-            continue  # KSE clusters the kernels of one input channel; grouped convs are left alone
+            # NOTE: KSE clusters the N kernels that read one input channel; a grouped or
+            # depthwise conv has no such set, so it is always left alone
+            continue
         if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
@@ -110,8 +113,10 @@ def _example_input(model: nn.Module, cfg: KSEConfig) -> Tensor:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, KSEConv2d))), None)
         size = (first.in_channels if first is not None else 3, 64, 64)
     p = next(model.parameters(), None)
-    return torch.randn(2, *size, device=p.device if p is not None else None,
-                       dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    # a private generator: compressing must not move the caller's random stream
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(cfg.seed))
+    return x.to(device=p.device if p is not None else None,
+                dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
 
 def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Tensor] = None) -> List[LayerPlan]:
@@ -132,17 +137,12 @@ def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Te
     for name in names:
         conv = model.get_submodule(name)
         try:
-            v = kse_indicator(conv.weight, cfg.alpha, cfg.k)
+            v = _indicator64(conv.weight, cfg.alpha, cfg.k)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
         q = centroid_counts(v, conv.out_channels, cfg.G, cfg.T)
         plans.append(LayerPlan(name, conv.in_channels, conv.out_channels, v, q))
     return plans
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _log(verbose: bool, msg: str) -> None:
@@ -176,7 +176,10 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     new: Dict[str, nn.Module] = {}
     for i, p in enumerate(plans):
         conv = model.get_submodule(p.name)
-        new[p.name] = KSEConv2d.from_conv(conv, p.counts, generator, cfg.kmeans_iters, cfg.n_init)
+        try:
+            new[p.name] = KSEConv2d.from_conv(conv, p.counts, generator, cfg.kmeans_iters, cfg.n_init)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {p.name!r}: {exc}") from None
         new[p.name].train(conv.training)
         _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
                       f"{p.centroids} centroids")
@@ -202,22 +205,22 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     originals = {name: model.get_submodule(name) for name in final}
     try:
         for name, module in new.items():
-            _set_module(model, name, module)
+            set_module(model, name, module)
         if final.keys() != new.keys() or any(final[n] is not new[n] for n in new):
             before = _outputs(model, example)
             for name, module in final.items():
-                _set_module(model, name, module)
+                set_module(model, name, module)
             after = _outputs(model, example)
             if not _close(before, after):
                 # NOTE: the graph analysis should make this impossible; if an operation was
                 # misread, keep the (correct) compression without the removal
-                print("kse: warning: dead-channel removal changed the outputs; it was skipped",
-                      file=sys.stderr)
+                warnings.warn(f"dead-channel removal changed the outputs (max difference "
+                              f"{(before - after).abs().max().item():.3g}); it was skipped", RuntimeWarning)
                 for name in final:
-                    _set_module(model, name, new.get(name, originals[name]))
+                    set_module(model, name, new.get(name, originals[name]))
     except BaseException:
         for name, module in originals.items():
-            _set_module(model, name, module)
+            set_module(model, name, module)
         raise
     model.kse_config = cfg.to_dict()
     _log(verbose, f"kse: done in {time.time() - t0:.1f}s")
@@ -225,14 +228,8 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
 
 
 def _outputs(model: nn.Module, example: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(example)
-    finally:
-        model.train(was_training)
-    return out
+    with eval_mode(model), torch.no_grad():
+        return model(example)
 
 
 def _close(a, b) -> bool:

@@ -36,10 +36,10 @@ class KSEConfig:
         seed: seed of the k-means++ initialisation (results are deterministic for a seed).
         kmeans_iters: maximum Lloyd iterations per k-means.
         n_init: k-means restarts, the best by inertia is kept.
-        include: glob patterns of layer names to consider (empty: every conv).
+        include: glob patterns of layer names to consider (empty: every conv). Grouped and
+            depthwise convolutions are always left alone (KSE needs groups == 1).
         exclude: glob patterns of layer names never to compress.
         skip_first: leave the convolution that reads the network input alone.
-        skip_depthwise: leave depthwise / grouped convolutions alone (KSE needs groups == 1).
         remove_dead_channels: physically remove producer channels no layer reads any more.
         input_size: ``(C, H, W)`` used to trace the model for dead-channel removal; default:
             the model's recorded preprocessing, else ``(C_in, 64, 64)``.
@@ -57,7 +57,6 @@ class KSEConfig:
     include: List[str] = field(default_factory=list)
     exclude: List[str] = field(default_factory=list)
     skip_first: bool = True
-    skip_depthwise: bool = True
     remove_dead_channels: bool = True
     input_size: Optional[Tuple[int, int, int]] = None
     filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)

@@ -42,6 +42,14 @@ from .kmeans import batched_kmeans
 FORMS = ("train", "dense", "split")
 
 
+def centroid_offsets(counts: Tensor) -> Tensor:
+    """First centroid row of each kept channel: the exclusive prefix sum of ``counts``."""
+    offsets = torch.zeros_like(counts)
+    if len(counts) > 1:
+        offsets[1:] = counts.cumsum(0)[:-1]
+    return offsets
+
+
 def cluster_kernels(weight: Tensor, counts: Tensor, generator: Optional[torch.Generator] = None,
                     iters: int = 50, n_init: int = 1):
     """k-means the N kernels of every input channel into ``counts[c]`` centroids.
@@ -59,21 +67,20 @@ def cluster_kernels(weight: Tensor, counts: Tensor, generator: Optional[torch.Ge
     N, C, kh, kw = weight.shape
     counts = counts.to(torch.long).cpu()
     if counts.shape != (C,) or (counts < 0).any() or (counts > N).any():
-        raise ValueError(f"counts must be LongTensor[{C}] with values in [0, {N}], got {counts.tolist()}")
+        raise ValueError(f"centroid counts must be LongTensor[{C}] with values in [0, {N}], got shape "
+                         f"{tuple(counts.shape)} with values in [{int(counts.min())}, {int(counts.max())}]")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     kept = torch.nonzero(counts > 0).flatten()
     kernels = weight.detach().reshape(N, C, kh * kw).transpose(0, 1)  # [C, N, D]
     kept_counts = counts[kept]
-    # centroid rows are laid out channel after channel, in kept order
-    offsets = torch.zeros(len(kept), dtype=torch.long)
-    if len(kept) > 1:
-        offsets[1:] = kept_counts.cumsum(0)[:-1]
+    offsets = centroid_offsets(kept_counts)  # centroid rows: channel after channel, in kept order
     total = int(kept_counts.sum())
+    work_dtype = torch.promote_types(weight.dtype, torch.float32)
     centroids = weight.new_empty(total, kh * kw)
     assignment = torch.empty(len(kept), N, dtype=torch.long)
     for q in torch.unique(kept_counts).tolist():
         pos = torch.nonzero(kept_counts == q).flatten()  # positions in `kept`
-        cents, assign = batched_kmeans(kernels[kept[pos].to(weight.device)].float(), int(q),
+        cents, assign = batched_kmeans(kernels[kept[pos].to(weight.device)].to(work_dtype), int(q),
                                        iters=iters, n_init=n_init, generator=generator)
         rows = offsets[pos].unsqueeze(1) + torch.arange(q)  # [P, q]
         centroids[rows.flatten().to(weight.device)] = cents.reshape(-1, kh * kw).to(weight.dtype)
@@ -103,7 +110,8 @@ class KSEConv2d(nn.Module):
         kept = torch.as_tensor(kept, dtype=torch.long)
         centroid_counts = torch.as_tensor(centroid_counts, dtype=torch.long)
         if len(kept) != len(centroid_counts):
-            raise ValueError("kept and centroid_counts must have the same length")
+            raise ValueError(f"kept ({len(kept)} channels) and centroid_counts ({len(centroid_counts)} values) "
+                             "must have the same length")
         kh, kw = self.kernel_size
         total = int(centroid_counts.sum())
         self.centroids = nn.Parameter(torch.zeros(total, kh, kw))
@@ -113,6 +121,7 @@ class KSEConv2d(nn.Module):
         self.register_buffer("assignment", torch.zeros(len(kept), out_channels, dtype=torch.long))
         self.form = "train"
         self._deploy: dict = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -166,14 +175,20 @@ class KSEConv2d(nn.Module):
             return x
         return x.index_select(1, self.kept_channels)
 
+    def _refresh(self) -> None:
+        """Rebuild the cached inference tensors if the centroids changed since they were made."""
+        if self.form != "train" and self._deploy.get("version") != self.centroids._version:
+            self.set_form(self.form)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.form == "train":
+        if self.form == "train" or (self.training and torch.is_grad_enabled()):
+            # training always rebuilds W' from the centroids, whatever the inference form
             weight = self.clustered_weight()
-        elif self.form == "dense":
-            weight = self._deploy["weight"]
-        else:
+            return F.conv2d(self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+        self._refresh()
+        if self.form == "split":
             return self._forward_split(x)
-        return F.conv2d(self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(self._select(x), self._deploy["weight"], self.bias, self.stride, self.padding, self.dilation)
 
     def _forward_split(self, x: Tensor) -> Tensor:
         """Paper Fig. 2: per-channel centroid convolution, then channel fusion by index."""
@@ -198,6 +213,7 @@ class KSEConv2d(nn.Module):
         self.form = form
         if form == "train":
             return self
+        self._deploy["version"] = self.centroids._version
         with torch.no_grad():
             if form == "dense":
                 self._deploy["weight"] = self.clustered_weight().contiguous()
@@ -207,8 +223,7 @@ class KSEConv2d(nn.Module):
 
     def _split_tensors(self) -> dict:
         counts = self.centroid_counts.cpu()
-        offsets = torch.zeros_like(counts)
-        offsets[1:] = counts.cumsum(0)[:-1]
+        offsets = centroid_offsets(counts)
         kh, kw = self.kernel_size
         chans_list, weights, new_row = [], [], torch.empty(int(counts.sum()), dtype=torch.long)
         start = 0
@@ -241,7 +256,6 @@ class KSEConv2d(nn.Module):
         used = torch.zeros(len(self.centroids), dtype=torch.bool, device=assignment.device)
         used[assignment.flatten()] = True
         new_index = torch.cumsum(used.long(), 0) - 1
-        kept_row = torch.zeros(len(self.centroids), dtype=torch.long, device=assignment.device)
         owner = torch.repeat_interleave(torch.arange(len(self.kept_channels), device=assignment.device),
                                         self.centroid_counts)
         counts = torch.zeros(len(self.kept_channels), dtype=torch.long, device=assignment.device)
@@ -254,7 +268,6 @@ class KSEConv2d(nn.Module):
             layer.assignment.copy_(new_index[assignment])
             if self.bias is not None:
                 layer.bias.copy_(self.bias[keep_out])
-        del kept_row
         return layer.set_form(self.form)
 
     def remove_in_channels(self, remove: Sequence[int]) -> "KSEConv2d":
@@ -273,6 +286,24 @@ class KSEConv2d(nn.Module):
         layer = layer.to(self.centroids.device, self.centroids.dtype)
         layer.load_state_dict({**self.state_dict(), "kept_channels": layer.kept_channels})
         return layer.set_form(self.form)
+
+    # ------------------------------------------------------------------ storage
+    def local_assignment(self) -> Tensor:
+        """``LongTensor[C_kept, N]``: each kernel's centroid index within its own channel."""
+        return self.assignment - centroid_offsets(self.centroid_counts).unsqueeze(1)
+
+    def index_bit_widths(self) -> list:
+        """Bits per stored index, per kept channel: 0 when q = 1, or when a channel kept whole
+        maps kernel n to centroid n; else ceil(log2 q)."""
+        local = self.local_assignment()
+        identity = torch.arange(self.out_channels, device=local.device)
+        widths = []
+        for j, q in enumerate(self.centroid_counts.tolist()):
+            if q == 1 or (q == self.out_channels and torch.equal(local[j], identity)):
+                widths.append(0)
+            else:
+                widths.append(math.ceil(math.log2(q)))
+        return widths
 
     # ------------------------------------------------------------------ reporting
     def dense_params(self) -> int:

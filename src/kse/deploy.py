@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .conv import FORMS, KSEConv2d
+from .modules import capture_layer_inputs, eval_mode
 from .timing import time_call
 
 
@@ -58,29 +59,27 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
             raise ValueError("deploy_(form='auto') needs input_size=(C, H, W) to measure the layers")
         input_size = pre["input_size"]
     p = next(model.parameters())
-    inputs: Dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))
-             for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
+    forms = {n: m.form for n, m in layers.items()}
+    chosen = {}
     try:
         for m in layers.values():
             m.set_form("dense")
-        with torch.no_grad():
-            model(torch.randn(batch_size, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-    chosen = {}
-    for name, m in layers.items():
-        x = inputs[name]
-        timings = {}
-        for f in ("dense", "split"):
-            m.set_form(f)
-            with torch.no_grad():
-                timings[f] = time_call(m, x, warmup=1, repeats=repeats)["min_ms"]
-        best = min(timings, key=timings.get)
-        m.set_form(best)
-        chosen[name] = best
-    model.train(was_training)
+        x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+        inputs = capture_layer_inputs(model, list(layers), x)
+        with eval_mode(model), torch.no_grad():
+            missing = [n for n in layers if n not in inputs]
+            if missing:
+                raise ValueError(f"KSE layers {missing} did not run on an input of size {tuple(input_size)}; "
+                                 "pass the input_size the model expects, or deploy them with an explicit form")
+            for name, m in layers.items():
+                timings = {}
+                for f in ("dense", "split"):
+                    m.set_form(f)
+                    timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
+                chosen[name] = min(timings, key=timings.get)
+                m.set_form(chosen[name])
+    except BaseException:
+        for n, m in layers.items():
+            m.set_form(forms[n])
+        raise
     return chosen

@@ -48,7 +48,7 @@ def kernel_sparsity(weight: Tensor) -> Tensor:
         ``Tensor[C]`` (float, on ``weight``'s device).
     """
     _check_weight(weight)
-    return weight.detach().abs().sum(dim=(0, 2, 3))
+    return weight.detach().double().abs().sum(dim=(0, 2, 3)).to(_result_dtype(weight))
 
 
 def _nearest_distance_sums(kernels: Tensor, k: int) -> Tensor:
@@ -64,7 +64,8 @@ def _nearest_distance_sums(kernels: Tensor, k: int) -> Tensor:
         chunk = kernels[lo:lo + step]
         # candidates by the fast Gram-matrix distances, then exact distances for the k chosen
         # (so that duplicate kernels are exactly 0 apart)
-        fast = chunk.float()
+        # centred per channel (distances do not change) so the float32 Gram trick keeps its precision
+        fast = (chunk - chunk.mean(1, keepdim=True)).float()
         sq = fast.pow(2).sum(-1)
         approx = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), fast, fast.transpose(1, 2), alpha=-2)
         approx.masked_fill_(eye, float("inf"))
@@ -115,10 +116,15 @@ def kernel_entropy(weight: Tensor, k: int = 5) -> Tensor:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     N, C = weight.shape[:2]
     if N == 1:
-        return weight.new_zeros(C)
+        return torch.zeros(C, dtype=_result_dtype(weight), device=weight.device)
     kernels = weight.detach().double().reshape(N, C, -1).transpose(0, 1)  # [C, N, D]
     dm = _nearest_distance_sums(kernels, min(k, N - 1))
-    return _entropy_of(dm).to(weight.dtype)
+    return _entropy_of(dm).to(_result_dtype(weight))
+
+
+def _result_dtype(weight: Tensor) -> torch.dtype:
+    # half / bfloat16 weights get float32 scores: rounding them would move bucket edges
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _entropy_of(dm: Tensor) -> Tensor:
@@ -147,9 +153,9 @@ def official_layout_entropy(weight: Tensor, k: int = 5) -> Tensor:
     scrambled = transposed.reshape(N, C, -1)  # the official code's reshape of a (C, N, D) array
     # the official code then treats scrambled[:, c] as the N kernels of channel c
     if N == 1:
-        return weight.new_zeros(C)
+        return torch.zeros(C, dtype=_result_dtype(weight), device=weight.device)
     dm = _nearest_distance_sums(scrambled.transpose(0, 1), min(k, N - 1))
-    return _entropy_of(dm).to(weight.dtype)
+    return _entropy_of(dm).to(_result_dtype(weight))
 
 
 def minmax_normalize(values: Tensor) -> Tensor:
@@ -180,9 +186,15 @@ def kse_indicator(weight: Tensor, alpha: float = 1.0, k: int = 5) -> Tensor:
     """
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    s = minmax_normalize(kernel_sparsity(weight).double())
-    e = minmax_normalize(kernel_entropy(weight, k).double())
-    return indicator_from_scores(s, e, alpha).to(weight.dtype)
+    return _indicator64(weight, alpha, k).to(_result_dtype(weight))
+
+
+def _indicator64(weight: Tensor, alpha: float, k: int) -> Tensor:
+    """The indicator in float64 (used for bucketing, where edges must be exact)."""
+    _check_weight(weight)
+    s = minmax_normalize(weight.detach().double().abs().sum(dim=(0, 2, 3)))
+    e = minmax_normalize(kernel_entropy(weight.detach().double(), k))
+    return indicator_from_scores(s, e, alpha)
 
 
 def indicator_from_scores(s: Tensor, e: Tensor, alpha: float = 1.0) -> Tensor:
@@ -215,7 +227,9 @@ def centroid_counts(indicator: Tensor, out_channels: int, G: int = 4, T: int = 0
         raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}")
     v = indicator.detach().double().cpu()
     if v.ndim != 1 or not torch.isfinite(v).all() or (v < 0).any() or (v > 1).any():
-        raise ValueError("indicator must be a 1-D tensor of finite values in [0, 1]")
+        lo, hi = (float(v.min()), float(v.max())) if v.numel() else (float("nan"), float("nan"))
+        raise ValueError(f"indicator must be a 1-D tensor of finite values in [0, 1], got shape "
+                         f"{tuple(v.shape)} with values in [{lo:.4g}, {hi:.4g}]")
     vG = v * G
     g = torch.floor(vG)
     frac = torch.pow(2.0, g + 1 - T - G)

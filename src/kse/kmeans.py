@@ -120,14 +120,17 @@ def batched_kmeans(points: Tensor, q: int, iters: int = 50, n_init: int = 1,
         n_init: seeded restarts; the run with the lowest inertia is kept, per set.
         generator: a CPU ``torch.Generator`` (default: seed 0).
     Returns:
-        ``(centroids: Tensor[B, q, D], assignment: LongTensor[B, N])``; every kernel's
-        centroid is the mean of the kernels assigned to it.
+        ``(centroids: Tensor[B, q, D], assignment: LongTensor[B, N])``: each point goes to its
+        nearest centroid; once Lloyd has converged (it stops early when no assignment
+        changes) each centroid is also the mean of its points.
     """
     if points.ndim != 3:
         raise ValueError(f"points must be Tensor[B, N, D], got shape {tuple(points.shape)}")
     B, N, D = points.shape
     if not isinstance(q, int) or not 1 <= q <= N:
         raise ValueError(f"q must be an integer in [1, {N}], got {q!r}")
+    if not isinstance(iters, int) or iters < 1 or not isinstance(n_init, int) or n_init < 1:
+        raise ValueError(f"iters and n_init must be integers >= 1, got iters={iters!r}, n_init={n_init!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     if q == N:  # every kernel its own centroid

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import KSEConv2d
+from .modules import eval_mode
 
 
 @dataclass
@@ -65,22 +66,13 @@ class Profile:
                 "rows": [r.__dict__ for r in self.rows]}
 
 
-def index_bits(counts: torch.Tensor, out_channels: int) -> int:
-    """Bits of the packed KSE indices: ``N * ceil(log2 q)`` per channel with ``1 < q < N``."""
-    bits = 0
-    for q in counts.tolist():
-        if 1 < q < out_channels:
-            bits += out_channels * math.ceil(math.log2(q))
-    return bits
-
-
 def kse_layer_bits(layer: KSEConv2d) -> int:
     """Stored bits of a KSE layer: centroids, bias, packed indices, kept-channel mask."""
     width = layer.centroids.element_size() * 8
     bits = layer.centroids.numel() * width + layer.in_channels
     if layer.bias is not None:
         bits += layer.bias.numel() * width
-    return bits + index_bits(layer.centroid_counts, layer.out_channels)
+    return bits + layer.out_channels * sum(layer.index_bit_widths())
 
 
 def _own_tensor_bits(m: nn.Module) -> int:
@@ -106,13 +98,10 @@ def profile(model: nn.Module, input_size: Sequence[int], device: Optional[torch.
     for name, m in model.named_modules():
         if isinstance(m, KSEConv2d):
             hooks.append(m.register_forward_hook(lambda mod, i, o, n=name: out_shapes.__setitem__(n, tuple(o.shape))))
-    was_training = model.training
-    model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with eval_mode(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     counts = counter.get_flop_counts()
@@ -139,12 +128,13 @@ def profile(model: nn.Module, input_size: Sequence[int], device: Optional[torch.
             stored += bits
             rows.append(LayerRow(name, "KSEConv2d", sum(t.numel() for t in m.parameters()), macs, fusion, dense, bits,
                                  f"kept {len(m.kept_channels)}/{m.in_channels}, {len(m.centroids)} centroids"))
-        elif not any(True for _ in m.children()):
-            bits = _own_tensor_bits(m)
+        else:
+            bits = _own_tensor_bits(m)  # every module's own tensors, leaf or not
             stored += bits
-            params = sum(t.numel() for t in m.parameters(recurse=False))
-            macs = counted(name)
-            if params or macs:
-                rows.append(LayerRow(name, type(m).__name__, params, macs, 0, macs, bits))
+            if not any(True for _ in m.children()):
+                params = sum(t.numel() for t in m.parameters(recurse=False))
+                macs = counted(name)
+                if params or macs:
+                    rows.append(LayerRow(name, type(m).__name__, params, macs, 0, macs, bits))
     params = sum(t.numel() for t in model.parameters())
     return Profile(params, total_macs, fusion_total, stored, rows)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .modules import eval_mode
+
 # grad_fn names (without "Backward<n>") of operations that act on each channel separately
 _CHANNELWISE_OPS = {
     "Relu", "Add", "Sub", "Mul", "Hardtanh", "Sigmoid", "Silu", "Gelu", "Hardswish", "Hardsigmoid",
@@ -54,12 +56,8 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
     from torch_pruning import ops as tp_ops
 
     names = {m: n for n, m in model.named_modules()}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    finally:
-        model.train(was_training)
 
     removal: Removal = defaultdict(lambda: {"out": set(), "in": set()})
     seen_groups: Set[Tuple] = set()
@@ -78,6 +76,10 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
             target, handler = item.dep.target.module, item.dep.handler.__name__
             pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)]
             roots = {r for _, r in pairs}
+            node = graph.module2node.get(target)
+            if handler == "prune_out_channels" and node is not None and not node.outputs:
+                blocked |= roots  # this output is the network's output: always read
+                continue
             if isinstance(target, (tp_ops._ConcatOp, tp_ops._SplitOp)):
                 continue  # Torch-Pruning maps the channel indices through these
             if isinstance(target, tp_ops._ElementWiseOp):
@@ -106,8 +108,10 @@ def shrink_batchnorm(bn: nn.BatchNorm2d, remove: Iterable[int]) -> nn.BatchNorm2
     """A copy of ``bn`` without channels ``remove``."""
     remove = set(remove)
     keep = torch.tensor([c for c in range(bn.num_features) if c not in remove], dtype=torch.long)
+    ref = next(iter(list(bn.parameters()) + [b for b in bn.buffers() if b.is_floating_point()]), None)
     new = nn.BatchNorm2d(len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    new = new.to(device=bn.weight.device if bn.affine else None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight[keep])

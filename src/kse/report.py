@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .conv import KSEConv2d
+from .modules import capture_layer_inputs, eval_mode, set_module  # noqa: F401 (re-exported)
 from .timing import time_call
 
 
@@ -177,12 +178,8 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], batch_size: int
     """
     p = next(model.parameters())
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         t = time_call(model, x, warmup, repeats)
-    finally:
-        model.train(was_training)
     return {**t, "batch_size": batch_size, "per_image_ms": t["median_ms"] / batch_size}
 
 
@@ -199,29 +196,11 @@ def busy_note() -> Optional[str]:
             f"--threads 1 avoids the worst of it")
 
 
-def capture_layer_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> Dict[str, Tensor]:
-    """The input each named module receives when ``model(x)`` runs (eval mode, no grad)."""
-    seen: Dict[str, Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: seen.__setitem__(n, args[0].detach())) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def dense_equivalent(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every :class:`KSEConv2d` replaced by ``layer.to_conv()``: the
     same function computed by plain dense convolutions (the uncompressed-speed baseline)."""
     dense = copy.deepcopy(model)
     swaps = [(n, m.to_conv()) for n, m in dense.named_modules() if isinstance(m, KSEConv2d)]
     for name, conv in swaps:
-        parent, _, leaf = name.rpartition(".")
-        setattr(dense.get_submodule(parent) if parent else dense, leaf, conv)
+        set_module(dense, name, conv)
     return dense

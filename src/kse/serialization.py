@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -37,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
-from .conv import KSEConv2d
+from .conv import KSEConv2d, centroid_offsets
+from .modules import set_module
 
 FORMAT = "kse"
 FORMAT_VERSION = 1
@@ -49,27 +49,6 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- index packing
-def index_bit_widths(layer: KSEConv2d) -> list:
-    """Bits per index for each kept channel: 0 when q = 1 or when a channel kept whole maps
-    kernel n to its own centroid n; else ceil(log2 q)."""
-    local = _local_assignment(layer)
-    widths = []
-    for j, q in enumerate(layer.centroid_counts.tolist()):
-        identity = q == layer.out_channels and torch.equal(local[j], torch.arange(q, device=local.device))
-        widths.append(0 if q == 1 or identity else math.ceil(math.log2(q)))
-    return widths
-
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    off = torch.zeros_like(counts)
-    off[1:] = counts.cumsum(0)[:-1]
-    return off
-
-
-def _local_assignment(layer: KSEConv2d) -> torch.Tensor:
-    return layer.assignment - _offsets(layer.centroid_counts).unsqueeze(1)
-
-
 def pack_indices(local: torch.Tensor, widths: list) -> torch.Tensor:
     """Pack ``local: LongTensor[K, N]`` row j with ``widths[j]`` bits per value (LSB first)."""
     bits = []
@@ -121,7 +100,7 @@ def _module_spec(m: nn.Module) -> Dict[str, Any]:
                 "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
                 "dilation": list(m.dilation), "bias": m.bias is not None,
                 "kept": m.kept_channels.tolist(), "counts": m.centroid_counts.tolist(),
-                "index_bits": index_bit_widths(m), "form": m.form}
+                "index_bits": m.index_bit_widths(), "form": m.form}
     raise TypeError(f"cannot describe a {type(m).__name__}")
 
 
@@ -142,11 +121,6 @@ def _build_module(spec: Dict[str, Any]) -> nn.Module:
                          tuple(spec["dilation"]), spec["bias"], torch.tensor(spec["kept"], dtype=torch.long),
                          torch.tensor(spec["counts"], dtype=torch.long))
     raise CheckpointError(f"unknown module type {t!r} in checkpoint")
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -175,7 +149,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
         if type(m) is KSEConv2d:
             spec = _module_spec(m)
             modules[name] = spec
-            tensors[f"{name}.assignment_packed"] = pack_indices(_local_assignment(m), spec["index_bits"])
+            tensors[f"{name}.assignment_packed"] = pack_indices(m.local_assignment(), spec["index_bits"])
         elif type(m) in _RESHAPED:
             ref = ref_modules.get(name)
             if ref is None or type(ref) is not type(m) or _module_spec(ref) != _module_spec(m):
@@ -237,15 +211,22 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{path}: module {name!r} does not exist in {arch['name']}") from None
-        _set_module(model, name, _build_module(spec))
+        try:
+            set_module(model, name, _build_module(spec))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: module {name!r} has a malformed description ({type(exc).__name__}: "
+                                  f"{exc})") from None
     state = {}
     for name, spec in meta["modules"].items():
         if spec["type"] == "KSEConv2d":
             packed = tensors.pop(f"{name}.assignment_packed", None)
             if packed is None:
                 raise CheckpointError(f"{path}: packed indices of layer {name!r} are missing")
-            local = unpack_indices(packed, spec["index_bits"], spec["counts"], spec["out_channels"])
-            state[f"{name}.assignment"] = local + _offsets(torch.tensor(spec["counts"])).unsqueeze(1)
+            try:
+                local = unpack_indices(packed, spec["index_bits"], spec["counts"], spec["out_channels"])
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: layer {name!r}: {exc}") from None
+            state[f"{name}.assignment"] = local + centroid_offsets(torch.tensor(spec["counts"])).unsqueeze(1)
     state.update(tensors)
     try:
         model.load_state_dict(state, strict=True)
