@@ -59,7 +59,7 @@ def export_stub(monkeypatch):
     """Stand-in for kse.serialization.save that records its call (the file format is tested elsewhere)."""
     calls = []
 
-    def save(model, path, preprocess=None):
+    def save(model, path, preprocess=None, **kwargs):
         calls.append((model, path, preprocess))
         path.write_bytes(b"stub")
 
