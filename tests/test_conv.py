@@ -91,7 +91,7 @@ def test_deploy_forms_equal_training_form(C, N, kh, kw, stride, padding, dilatio
     with torch.no_grad():
         ref = layer(x)
         torch.testing.assert_close(ref, layer.to_conv()(x), rtol=1e-5, atol=1e-5)
-        for form in ("dense", "split"):
+        for form in ("dense", "full", "split"):
             layer.set_form(form)
             torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
         layer.set_form("train")

@@ -7,7 +7,7 @@ import kse
 from kse.models import get_model
 
 
-@pytest.mark.parametrize("form", ["dense", "split", "auto"])
+@pytest.mark.parametrize("form", ["dense", "full", "split", "auto"])
 def test_deploy_whole_model_matches_training_form(form):
     net = get_model("resnet20").eval()
     kse.compress_(net, kse.KSEConfig(G=5, input_size=(3, 32, 32)))
@@ -16,7 +16,7 @@ def test_deploy_whole_model_matches_training_form(form):
         ref = net(x)
         chosen = kse.deploy_(net, form=form, input_size=(3, 32, 32))
         out = net(x)
-    assert set(chosen.values()) <= {"dense", "split"}
+    assert set(chosen.values()) <= {"dense", "full", "split"}
     assert all(net.get_submodule(n).form == f for n, f in chosen.items())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     kse.deploy_(net, form="train")

@@ -28,7 +28,7 @@ def test_dense_round_trip(tmp_path):
     assert back.kse_arch == {"name": "resnet20", "kwargs": {"num_classes": 7, "in_channels": 1}}
 
 
-@pytest.mark.parametrize("form", ["train", "dense", "split"])
+@pytest.mark.parametrize("form", ["train", "dense", "full", "split"])
 def test_compressed_round_trip_keeps_form_and_structure(tmp_path, form):
     net = get_model("resnet20").eval()
     kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))

@@ -864,7 +864,7 @@ def _add_export(sub) -> None:
     _common(p, "checkpoint", "out")
     p.add_argument("--format", nargs="+", choices=["onnx", "torchscript"], default=None,
                    help="formats to write (default: both)")
-    p.add_argument("--form", choices=["auto", "dense", "split"], default=None,
+    p.add_argument("--form", choices=["auto", "dense", "full", "split"], default=None,
                    help="KSE layer form to export (default auto: the faster on this CPU, per layer)")
     p.set_defaults(func=cmd_export, _defaults=dict(format=["onnx", "torchscript"], form="auto"))
 

@@ -12,7 +12,9 @@ of the kernels assigned to it (KSE.md §6). All centroids of a layer live in one
 holds, for each kept channel and output, the row of its centroid.
 
 Forms (``layer.form``): ``"train"`` rebuilds W' every call (gradients reach the centroids);
-``"dense"`` caches W' once (inference: a dense conv over the kept channels); ``"split"``
+``"dense"`` caches W' once (inference: a dense conv over the kept channels); ``"full"`` caches
+it zero-filled over all input channels (no gather of the input: never slower than the
+original conv); ``"split"
 is the paper's deployment (Fig. 2): convolve every kept map with its q_c centroids, then
 sum the maps of the assigned centroids ("channel fusion"). See :func:`kse.deploy_`.
 
@@ -39,7 +41,8 @@ from torch import Tensor
 
 from .kmeans import batched_kmeans
 
-FORMS = ("train", "dense", "split")
+FORMS = ("train", "dense", "full", "split")
+INFERENCE_FORMS = ("dense", "full", "split")
 
 
 def centroid_offsets(counts: Tensor) -> Tensor:
@@ -188,7 +191,8 @@ class KSEConv2d(nn.Module):
         self._refresh()
         if self.form == "split":
             return self._forward_split(x)
-        return F.conv2d(self._select(x), self._deploy["weight"], self.bias, self.stride, self.padding, self.dilation)
+        inputs = x if self.form == "full" else self._select(x)
+        return F.conv2d(inputs, self._deploy["weight"], self.bias, self.stride, self.padding, self.dilation)
 
     def _forward_split(self, x: Tensor) -> Tensor:
         """Paper Fig. 2: per-channel centroid convolution, then channel fusion by index."""
@@ -206,7 +210,7 @@ class KSEConv2d(nn.Module):
 
     # ------------------------------------------------------------------ deployment
     def set_form(self, form: str) -> "KSEConv2d":
-        """Switch to ``"train"``, ``"dense"`` or ``"split"`` (the latter two freeze the weights)."""
+        """Switch to ``"train"`` or an inference form (``"dense"``, ``"full"``, ``"split"``)."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self._deploy = {}
@@ -217,6 +221,8 @@ class KSEConv2d(nn.Module):
         with torch.no_grad():
             if form == "dense":
                 self._deploy["weight"] = self.clustered_weight().contiguous()
+            elif form == "full":
+                self._deploy["weight"] = self.to_conv().weight.detach()
             else:
                 self._deploy.update(self._split_tensors())
         return self

@@ -4,11 +4,13 @@ Forms of a :class:`~kse.conv.KSEConv2d` (outputs equal the training form within 
 
 * ``"dense"``: the clustered weight ``Tensor[N, C_kept, kh, kw]`` is built once and run as a
   dense convolution over the kept input channels (oneDNN / cuDNN do the work);
+* ``"full"``: the same weight zero-filled over all input channels (no gather of the input, the
+  cost of the original conv: the safe choice where the gather costs more than it saves);
 * ``"split"``: the paper's deployment (KSE.md §7, Fig. 2): each kept input map is convolved
   with its q_c centroids (a grouped convolution per centroid-count bucket), then the output
   channels are fused by summing the maps of their assigned centroids.
 
-With ``form="auto"`` each layer is timed in both forms on the current device, on an input of
+With ``form="auto"`` each layer is timed in every form on the current device, on an input of
 its real shape (recorded by a forward pass), and the faster one is kept; the choice is stored
 in ``layer.form`` and saved with the model, so loading does not measure again.
 
@@ -27,7 +29,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .conv import FORMS, KSEConv2d
+from .conv import FORMS, INFERENCE_FORMS, KSEConv2d
 from .modules import capture_layer_inputs, eval_mode
 from .timing import time_call
 
@@ -37,7 +39,7 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
     """Switch every KSE layer of ``model`` to an inference form, in place.
 
     Args:
-        form: ``"auto"`` (measure), ``"dense"``, ``"split"``, or ``"train"`` (undo).
+        form: ``"auto"`` (measure), ``"dense"``, ``"full"``, ``"split"``, or ``"train"`` (undo).
         input_size: ``(C, H, W)`` for the measuring pass (default: the model's preprocessing).
         batch_size: batch used when measuring.
     Returns:
@@ -73,7 +75,7 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
                                  "pass the input_size the model expects, or deploy them with an explicit form")
             for name, m in layers.items():
                 timings = {}
-                for f in ("dense", "split"):
+                for f in INFERENCE_FORMS:
                     m.set_form(f)
                     timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
                 chosen[name] = min(timings, key=timings.get)
