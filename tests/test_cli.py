@@ -4,8 +4,6 @@ one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -17,42 +15,9 @@ import torch
 import kse
 from kse import cli
 from kse.cli import main
+from clitools import ok, one_error_line, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
 
 TINY = ["--device", "cpu"]
-
-
-def run(argv):
-    """``kse.cli.main(argv)`` in process; returns ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def ok(argv):
-    code, out, err = run(argv)
-    assert code == 0, err
-    assert "Traceback" not in err
-    return out, err
-
-
-def one_error_line(argv) -> str:
-    code, out, err = run(argv)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: other jobs may share this machine's cores; one thread keeps the timings sane
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ.pop("WORLD_SIZE", None)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- artifacts

@@ -5,9 +5,6 @@ weights). No network: torchvision's weight loading is replaced by a seeded state
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import urllib.error
 
 import pytest
@@ -17,35 +14,9 @@ from torchvision.models._api import WeightsEnum
 
 import kse
 from kse import train as kse_train
-from kse.cli import main
 from kse.data import dataset_info
 from kse.models import get_model
-
-
-def run(argv):
-    """``kse.cli.main(argv)`` in process; returns ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(argv) -> str:
-    code, out, err = run(argv)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ.pop("WORLD_SIZE", None)
-    yield
-    torch.set_num_threads(threads)
+from clitools import one_error_line, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
 
 
 # ----------------------------------------------------------------------------- finetune --milestones

@@ -11,9 +11,6 @@ torchvision's weight loading replaced by a seeded state dict, so no network is n
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,9 @@ import yaml
 from torchvision.models._api import WeightsEnum
 
 import kse
-from kse.cli import build_parser, main
+from kse.cli import build_parser
 from kse.train import TrainConfig, lr_at
+from clitools import ok, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("train", "compress", "finetune")
@@ -74,30 +72,6 @@ def load(recipe: str, stage: str) -> dict:
 def subparser(stage: str) -> argparse.ArgumentParser:
     parser = build_parser()
     return parser._subparsers._group_actions[0].choices[stage]
-
-
-def run(argv):
-    """``kse.cli.main(argv)`` in process; returns ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def ok(argv) -> str:
-    code, out, err = run(argv)
-    assert code == 0, err
-    assert "Traceback" not in err
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ.pop("WORLD_SIZE", None)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the files

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kse
 from kse.conv import KSEConv2d, cluster_kernels
 
 
@@ -27,8 +26,6 @@ def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, s
 
 def reference_forward(layer, x):
     """Slow reference: loop over outputs and kept channels, conv with each kernel's centroid."""
-    out = 0
-    B = x.shape[0]
     cols = []
     for n in range(layer.out_channels):
         acc = 0
@@ -156,6 +153,5 @@ def test_float64_layer_keeps_precision():
     conv = nn.Conv2d(3, 4, 3).double()
     layer = KSEConv2d.from_conv(conv, torch.tensor([4, 2, 4]))
     assert layer.centroids.dtype == torch.float64
-    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     w = conv.weight.detach()
     torch.testing.assert_close(layer.clustered_weight()[:, [0, 2]], w[:, [0, 2]], rtol=0, atol=0)

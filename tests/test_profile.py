@@ -1,7 +1,5 @@
 """Counting: cross-checks against published figures and the paper's KSE accounting."""
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn

@@ -20,11 +20,10 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
 from .conv import KSEConv2d
 from .modules import capture_layer_inputs, eval_mode, set_module  # noqa: F401 (re-exported)
