@@ -109,10 +109,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def _progress(done: int, total: int, t0: float, extra: str) -> None:
+def _progress(done: int, total: int, images: float, t0: float, extra: str) -> None:
+    """A progress bar on a terminal; in a log file, one line at the end of the epoch."""
     if not is_main_process() or not sys.stderr.isatty() and done != total:
         return
-    rate = done / max(time.time() - t0, 1e-9)
+    rate = images / max(time.time() - t0, 1e-9)
     bar = "#" * int(30 * done / total)
     end = "\n" if done == total else ""
     print(f"\r  [{bar:<30}] {done}/{total} {extra} {rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
@@ -153,7 +154,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         correct += (out.argmax(1) == y).sum().item()
         seen += n
         if i % 20 == 0 or i == steps - 1:
-            _progress(i + 1, steps, t0, f"loss {total_loss / seen:.3f} acc {100 * correct / seen:.2f}% lr {lr:.4f}")
+            _progress(i + 1, steps, seen, t0, f"loss {total_loss / seen:.3f} acc {100 * correct / seen:.2f}% lr {lr:.4f}")
     return {"train_loss": total_loss / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
             "train_img_per_s": seen / max(time.time() - t0, 1e-9)}
 
