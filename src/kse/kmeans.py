@@ -51,13 +51,19 @@ def kmeans_plusplus(points: Tensor, q: int, generator: torch.Generator) -> Tenso
     centroids = points.new_empty(B, q, D)
     centroids[:, 0] = points[torch.arange(B, device=points.device), first]
     closest = (points - centroids[:, :1]).pow_(2).sum(-1)  # [B, N] squared distance to the nearest seed
+    flat = points.squeeze(-1) if D == 1 else None  # scalar points: plain [B, N] arithmetic, no reduction
     for j in range(1, q):
         cdf = closest.cumsum(-1)
         # inverse-CDF draw; where every distance is 0 (only duplicates left) any point will do
         pick = torch.searchsorted(cdf, uniforms[:, j:j + 1] * cdf[:, -1:], right=True).clamp_(max=N - 1)
-        chosen = points.gather(1, pick.unsqueeze(-1).expand(B, 1, D))  # [B, 1, D]
-        centroids[:, j] = chosen.squeeze(1)
-        torch.minimum(closest, (points - chosen).pow_(2).sum(-1), out=closest)
+        if flat is not None:
+            chosen = flat.gather(1, pick)  # [B, 1]
+            centroids[:, j, 0] = chosen.squeeze(1)
+            torch.minimum(closest, (flat - chosen).square_(), out=closest)
+        else:
+            chosen = points.gather(1, pick.unsqueeze(-1).expand(B, 1, D))  # [B, 1, D]
+            centroids[:, j] = chosen.squeeze(1)
+            torch.minimum(closest, (points - chosen).pow_(2).sum(-1), out=closest)
     return centroids
 
 
