@@ -1,4 +1,4 @@
-"""`kse train` under torchrun: two CPU processes (gloo), one tiny FakeData epoch."""
+"""`kse train` and `kse finetune` under torchrun: two CPU processes (gloo), one tiny FakeData epoch."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from kse.models import get_model
 from kse.train import state_digest
 
-# NOTE: `kse train` ends by writing model.kse with kse.serialization; until that module
-# exists this end-to-end test cannot exit 0, so it is skipped rather than failed.
-pytest.importorskip("kse.serialization", reason="kse.serialization (model.kse export) is not written yet")
+import kse
+from kse.data import dataset_info
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -49,3 +47,26 @@ def test_torchrun_two_processes(tmp_path):
     # ... and training moved them away from the shared initialisation.
     torch.manual_seed(0)
     assert state_digest(get_model("resnet20", num_classes=10, in_channels=3)) != digests[0]
+
+
+def test_torchrun_finetune_two_processes(tmp_path):
+    """Fine-tuning a compressed model under torchrun: both ranks end with identical centroids."""
+    net = get_model("resnet20", num_classes=10, in_channels=3)
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 16, 16)))
+    start = tmp_path / "compressed.kse"
+    kse.save(net, start, preprocess=dataset_info("fake").preprocess() | {"input_size": [3, 16, 16]})
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "kse.cli", "finetune", "--checkpoint", str(start), "--dataset", "fake", "--fake-size", "32",
+           "--batch-size", "4", "--max-steps", "2", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    digests = rows[0]["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    tuned = kse.load(out / "model.kse")
+    assert not torch.equal(tuned.layer2[1].conv1.centroids, net.layer2[1].conv1.centroids)
+    assert torch.equal(tuned.layer2[1].conv1.assignment, net.layer2[1].conv1.assignment)  # frozen

@@ -635,17 +635,27 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .serialization import save
-    from .train import fit
-
     path = _checkpoint_path(args)
     if not args.out:
         raise CLIError("--out is required: the folder for last.ckpt, metrics.jsonl and model.kse")
-    if _world_size() > 1:
-        raise CLIError("kse finetune runs in one process; start it without torchrun")
     cfg = _finetune_config(args)
     device = _device(args.device)
-    model = _load_model(path)
+    if _world_size() <= 1:
+        return _finetune(args, path, cfg, device, distributed=False)
+    import torch.distributed as dist
+
+    device = _init_distributed(device)
+    try:
+        return _finetune(args, path, cfg, device, distributed=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def _finetune(args: argparse.Namespace, path: Path, cfg, device: torch.device, distributed: bool) -> int:
+    from .serialization import save
+    from .train import fit, is_main_process
+
+    model = _load_model(path)  # every rank loads the same file: identical KSE layers everywhere
     layers = _kse_layers(model)
     if not layers:
         _stage("finetune", f"note: {path} has no KSE layers; fine-tuning it as a dense model")
@@ -661,16 +671,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    _stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
-                       f"{cfg.schedule}, device {device}")
-    history = fit(model, train_loader, test_loader, cfg, out, device, resume=args.resume)
-    final = out / "model.kse"
-    extra = {**(getattr(model, "kse_extra", None) or {}), "finetuned_from": str(path),
-             "finetune": {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones,
-                          "max_steps_per_epoch": cfg.max_steps_per_epoch,
-                          "test_top1": history[-1]["test_top1"] if history else None}}
-    save(model.cpu().to(memory_format=torch.contiguous_format), final, preprocess=model.kse_preprocess, extra=extra)
-    print(f"wrote {final}")
+    net = _wrap_ddp(model, device, False) if distributed else model
+    if is_main_process():
+        _stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
+                           f"{cfg.schedule}, device {device}")
+    history = fit(net, train_loader, test_loader, cfg, out, device, resume=args.resume)
+    if is_main_process():
+        final = out / "model.kse"
+        extra = {**(getattr(model, "kse_extra", None) or {}), "finetuned_from": str(path),
+                 "finetune": {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones,
+                              "max_steps_per_epoch": cfg.max_steps_per_epoch,
+                              "test_top1": history[-1]["test_top1"] if history else None}}
+        save(model.cpu().to(memory_format=torch.contiguous_format), final, preprocess=model.kse_preprocess,
+             extra=extra)
+        print(f"wrote {final}")
     return 0
 
 
