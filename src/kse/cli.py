@@ -1062,6 +1062,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     baseline = _load_model(path)  # a bad file fails before any progress line
     input_size = _input_size(baseline, path)
     name = _dataset_name(baseline, args, path)
+    _busy_note("demo")  # before any work of ours: the load average would count the demo itself
     stage("load", f"loaded the baseline {path} ({baseline.kse_arch.get('name')}); loading {name}")
     train_loader, test_loader, info = _loaders(name, args.data_dir, args.batch_size, 0, args.fake_size,
                                                _fake_input_size(baseline), args.seed)
@@ -1098,7 +1099,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save(model, model_file, extra={**(getattr(baseline, "kse_extra", None) or {}), "compressed_from": str(path),
                                    "demo_finetune": finetune})
 
-    _busy_note("demo")
     stage("latency", f"timing on CPU, batch 1 and 64 ({torch.get_num_threads()} threads, median of "
                      f"{args.repeats} runs)")
     latency, forms_by_batch = {}, {}
