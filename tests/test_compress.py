@@ -207,3 +207,15 @@ def test_modes_and_random_stream_are_preserved():
 def test_failing_example_input_is_one_clear_error():
     with pytest.raises(ValueError, match=r"does not run on an example input of shape \(2, 3, 0, 5\)"):
         kse.compress_(get_model("resnet20"), kse.KSEConfig(input_size=(3, 5, 5)), example_inputs=torch.randn(2, 3, 5, 5)[:, :, :0])
+
+
+def test_compression_is_deterministic_for_a_seed():
+    threads = torch.get_num_threads()
+    net = get_model("resnet20").eval()
+    a = kse.compress(net, kse.KSEConfig(seed=4, input_size=(3, 32, 32)))
+    b = kse.compress(net, kse.KSEConfig(seed=4, input_size=(3, 32, 32)))
+    c = kse.compress(net, kse.KSEConfig(seed=5, input_size=(3, 32, 32)))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if k.endswith("centroids"))
+    assert torch.get_num_threads() == threads  # the worker pool gave the thread count back

@@ -22,12 +22,13 @@ Example::
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 import fnmatch
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -133,16 +134,34 @@ def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Te
             f"no eligible convolution to compress (the model has {n_conv} plain nn.Conv2d layers; "
             "the first conv, grouped/depthwise convs, already compressed layers and layers outside "
             "include/exclude/filter_fn are skipped); check the config's layer selection")
-    plans = []
-    for name in names:
+
+    def score(name: str) -> LayerPlan:
         conv = model.get_submodule(name)
         try:
             v = _indicator64(conv.weight, cfg.alpha, cfg.k)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
-        q = centroid_counts(v, conv.out_channels, cfg.G, cfg.T)
-        plans.append(LayerPlan(name, conv.in_channels, conv.out_channels, v, q))
-    return plans
+        return LayerPlan(name, conv.in_channels, conv.out_channels, v,
+                         centroid_counts(v, conv.out_channels, cfg.G, cfg.T))
+
+    return list(_map_layers(score, names))
+
+
+def _map_layers(fn: Callable, *iterables) -> Iterator:
+    """``map(fn, ...)`` over layers (results in order, as they come), two layers at a time
+    where there are two or more cores.
+
+    NOTE: the per-layer work is many small tensor operations that leave cores idle; PyTorch
+    releases the GIL inside them, so two threads of one intra-op thread each overlap well.
+    Results are the same as sequentially (each call is independent)."""
+    threads = torch.get_num_threads()
+    workers = 2 if threads >= 2 else 1
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield from pool.map(fn, *iterables)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _log(verbose: bool, msg: str) -> None:
@@ -172,15 +191,21 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     _log(verbose, f"kse: scored {len(plans)} layers in {time.time() - t0:.1f}s")
 
     # build every replacement before touching the model
-    generator = torch.Generator().manual_seed(cfg.seed)
     new: Dict[str, nn.Module] = {}
-    for i, p in enumerate(plans):
+
+    def build(i: int, p: LayerPlan) -> KSEConv2d:
+        # one generator per layer, seeded by (seed, layer index): a layer's clusters do not
+        # depend on the other layers, nor on the order in which the workers take them
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
         conv = model.get_submodule(p.name)
         try:
-            new[p.name] = KSEConv2d.from_conv(conv, p.counts, generator, cfg.kmeans_iters, cfg.n_init)
+            layer = KSEConv2d.from_conv(conv, p.counts, generator, cfg.kmeans_iters, cfg.n_init)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {p.name!r}: {exc}") from None
-        new[p.name].train(conv.training)
+        return layer.train(conv.training)
+
+    for i, (p, layer) in enumerate(zip(plans, _map_layers(build, range(len(plans)), plans))):
+        new[p.name] = layer
         _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
                       f"{p.centroids} centroids")
     final = dict(new)
