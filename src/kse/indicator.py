@@ -191,9 +191,9 @@ def kse_indicator(weight: Tensor, alpha: float = 1.0, k: int = 5) -> Tensor:
 
 def _indicator64(weight: Tensor, alpha: float, k: int) -> Tensor:
     """The indicator in float64 (used for bucketing, where edges must be exact)."""
-    _check_weight(weight)
-    s = minmax_normalize(weight.detach().double().abs().sum(dim=(0, 2, 3)))
-    e = minmax_normalize(kernel_entropy(weight.detach().double(), k))
+    weight64 = weight.detach().double()
+    s = minmax_normalize(kernel_sparsity(weight64))
+    e = minmax_normalize(kernel_entropy(weight64, k))
     return indicator_from_scores(s, e, alpha)
 
 
