@@ -158,6 +158,8 @@ def test_swap_failure_is_rolled_back(monkeypatch, fail_at):
     (dict(alpha=-0.5), "alpha must be a finite number >= 0, got -0.5"),
     (dict(k=0), "k must be an integer >= 1, got 0"),
     (dict(input_size=(3, 32)), "input_size must be"),
+    (dict(score="l1"), "score must be one of 'kse', 'sparsity', 'entropy', got 'l1'"),
+    (dict(entropy_layout="bug"), "entropy_layout must be one of 'paper', 'official', got 'bug'"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -171,3 +171,32 @@ def test_centroid_counts_bad_indicator():
         kse.centroid_counts(torch.tensor([-0.5, 1.0]), 8)
     with pytest.raises(ValueError, match="out_channels must be an integer >= 1, got 0"):
         kse.centroid_counts(torch.tensor([0.5]), 0)
+
+
+def _ablation_weight() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 16, 3, 3, generator=g) * torch.linspace(0.2, 2.0, 16).view(1, 16, 1, 1)
+    w[:, 5] = 0.01 * torch.randn(16, 3, 3, generator=g)  # weak, tightly clustered channel
+    w[:8, 5] += 3.0  # two clusters: low entropy
+    return w
+
+
+def test_ablation_scores_follow_their_formulas():
+    from kse.indicator import _indicator64, indicator_from_scores, kernel_sparsity
+
+    w = _ablation_weight().double()
+    s = minmax_normalize(kernel_sparsity(w))
+    e = minmax_normalize(kse.kernel_entropy(w))
+    # sparsity alone is Eq. 7 with alpha = 0, whatever alpha says
+    torch.testing.assert_close(_indicator64(w, 1.0, 5, "sparsity"), minmax_normalize(torch.sqrt(s)))
+    torch.testing.assert_close(_indicator64(w, 1.0, 5, "sparsity"), _indicator64(w, 0.0, 5))
+    # entropy alone: v = sqrt(1 / (1 + e)) normalised, so the order is the reverse of e's
+    ent = _indicator64(w, 1.0, 5, "entropy")
+    torch.testing.assert_close(ent, minmax_normalize(torch.sqrt(1 / (1 + e))))
+    assert torch.equal(torch.argsort(ent), torch.argsort(e, descending=True)) or torch.unique(e).numel() < 16
+    # the default is the method itself
+    torch.testing.assert_close(_indicator64(w, 1.0, 5), indicator_from_scores(s, e, 1.0))
+    # official layout: the entropy term comes from the authors' reshape, not from W[:, c]
+    off = _indicator64(w, 1.0, 5, "kse", "official")
+    torch.testing.assert_close(off, indicator_from_scores(s, minmax_normalize(official_layout_entropy(w)), 1.0))
+    assert not torch.allclose(off, _indicator64(w, 1.0, 5))

@@ -200,3 +200,16 @@ def test_training_state_keeps_the_amp_scaler(tmp_path):
     assert meta["grad_scaler"]["scale"] == 1024.0
     fresh.scale(torch.ones(()))
     assert fresh.get_scale() == 1024.0
+
+
+def test_amp_on_cpu_trains_in_bfloat16_with_float32_weights(tmp_path):
+    train, test, _ = _loaders()
+    model = _model(0)
+    seen = []
+    model.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = model.fc.weight.detach().clone()
+    history = fit(model, train, test, _cfg(epochs=1, amp=True), tmp_path, CPU)
+    assert seen and set(seen[:3]) == {torch.bfloat16}  # training steps ran under bfloat16 autocast
+    assert seen[-1] == torch.float32  # evaluation does not
+    assert model.fc.weight.dtype == torch.float32 and not torch.equal(model.fc.weight, before)
+    assert math.isfinite(history[-1]["train_loss"])

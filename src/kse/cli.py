@@ -303,7 +303,7 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="data-loader worker processes")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--sync-bn", action="store_true", default=None,
@@ -362,6 +362,7 @@ def _input_size(model: torch.nn.Module, path: Path) -> tuple:
 
 
 _KSE_FLAGS = {"G": "--G", "T": "--T", "alpha": "--alpha", "seed": "--seed", "include": "--include",
+              "score": "--score", "entropy_layout": "--entropy-layout",
               "exclude": "--exclude", "input_size": "--checkpoint's input size"}
 
 
@@ -370,7 +371,7 @@ def _kse_config(args: argparse.Namespace, input_size: Optional[tuple] = None):
     from .config import KSEConfig
 
     kwargs = dict(G=args.G, T=args.T, alpha=args.alpha)
-    for key in ("seed", "include", "exclude"):
+    for key in ("seed", "include", "exclude", "score", "entropy_layout"):
         if getattr(args, key, None) is not None:
             kwargs[key] = getattr(args, key)
     if input_size is not None:
@@ -619,7 +620,12 @@ def _add_compress(sub) -> None:
     _common(p, "checkpoint", "out", "G", "T", "alpha", "seed")
     p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to compress")
     p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to leave alone")
-    p.set_defaults(func=cmd_compress, _defaults=dict(G=4, T=0, alpha=1.0, seed=0))
+    p.add_argument("--score", choices=["kse", "sparsity", "entropy"], default=None,
+                   help="ablations: rank input channels by sparsity or entropy alone (default: kse, Eq. 7)")
+    p.add_argument("--entropy-layout", choices=["paper", "official"], default=None,
+                   help="ablation: 'official' reproduces the authors' code's entropy layout bug (default: paper)")
+    p.set_defaults(func=cmd_compress, _defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse",
+                                                     entropy_layout="paper"))
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -631,7 +637,8 @@ def _finetune_config(args: argparse.Namespace):
     milestones = args.milestones if isinstance(args.milestones, (list, tuple)) else [args.milestones]  # YAML: 0.5
     return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.schedule, milestones=milestones, gamma=0.1,
-                       seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps)
+                       seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
+                       amp=bool(args.amp))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -704,13 +711,15 @@ def _add_finetune(sub) -> None:
                         "recipe; its ImageNet one, epochs 7 and 14 of 21: 0.3333333333 0.6666666666)")
     p.add_argument("--weight-decay", type=float, default=None, help="default 1e-5 (paper)")
     p.add_argument("--workers", type=int, default=None, help="data-loader worker processes")
+    p.add_argument("--amp", action="store_true", default=None,
+                   help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")
     p.set_defaults(func=cmd_finetune, _defaults=dict(
         epochs=20, lr=0.01, batch_size=128, schedule="multistep", milestones=[0.5], weight_decay=1e-5, workers=0,
-        channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256))
+        amp=False, channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256))
 
 
 # ----------------------------------------------------------------------------- eval

