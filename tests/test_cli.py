@@ -343,3 +343,29 @@ def test_errors_as_a_process_have_no_traceback(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"kse eval: error: --checkpoint: file not found: {tmp_path / 'x.kse'}"
+
+
+# ----------------------------------------------------------------------------- prune-l1
+def test_prune_l1_matches_a_kse_model_and_finetunes(work, baseline, compressed):
+    out_file = work / "l1.kse"
+    out, _ = ok(["prune-l1", "--checkpoint", baseline, "--out", out_file, "--match", compressed[0]])
+    assert "L1 filter pruning, ratio" in out and out_file.is_file()
+    import kse
+
+    target = kse.profile(kse.load(compressed[0]), (3, 16, 16)).macs
+    pruned = kse.load(out_file)
+    assert abs(kse.profile(pruned, (3, 16, 16)).macs - target) < 0.05 * target
+    assert pruned.layer1[0].conv1.out_channels < 16 and pruned.kse_extra["l1_prune"]["layers"] == ["*.conv1"]
+    ok(["finetune", "--checkpoint", out_file, "--out", work / "l1ft", "--epochs", 1, "--max-steps", 1,
+        "--batch-size", 8, "--fake-size", 32, *TINY])
+    assert (work / "l1ft" / "model.kse").is_file()
+
+
+def test_prune_l1_errors(work, baseline, compressed):
+    assert "give exactly one of --ratio" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out",
+                                                            work / "x.kse"])
+    assert "is KSE-compressed" in one_error_line(["prune-l1", "--checkpoint", compressed[0], "--out", work / "x.kse",
+                                                  "--ratio", 0.5])
+    assert "tied to other layers" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out", work / "x.kse",
+                                                     "--ratio", 0.5, "--layers", "layer1.0.conv2"])
+    assert not (work / "x.kse").exists()

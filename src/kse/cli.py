@@ -586,18 +586,24 @@ def _print_profiles(before, after, sizes: Optional[tuple] = None) -> None:
     print(text_table(["", "before", "after", "ratio"], rows))
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from .report import layer_summary
-    from .serialization import save
-
-    path = _checkpoint_path(args)
+def _output_file(args: argparse.Namespace, path: Path, what: str) -> Path:
+    """``--out`` as a file path that does not overwrite ``--checkpoint``."""
     if not args.out:
-        raise CLIError("--out is required: the compressed .kse file to write")
+        raise CLIError(f"--out is required: {what}")
     out = Path(args.out)
     if out.resolve() == path.resolve():
         raise CLIError("--out must differ from --checkpoint (the baseline would be overwritten)")
     if out.is_dir():
         raise CLIError(f"--out {out} is a folder; give the .kse file to write (e.g. {out / 'model.kse'})")
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .report import layer_summary
+    from .serialization import save
+
+    path = _checkpoint_path(args)
+    out = _output_file(args, path, "the compressed .kse file to write")
     _kse_config(args)
     model = _load_model(path)
     plans, before, after = _compress_model(model, args, path)
@@ -626,6 +632,67 @@ def _add_compress(sub) -> None:
                    help="ablation: 'official' reproduces the authors' code's entropy layout bug (default: paper)")
     p.set_defaults(func=cmd_compress, _defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse",
                                                      entropy_layout="paper"))
+
+
+# ----------------------------------------------------------------------------- prune-l1
+def cmd_prune_l1(args: argparse.Namespace) -> int:
+    from .filter_prune import l1_prune_, prune_to_macs
+    from .profile import profile
+    from .serialization import save
+
+    path = _checkpoint_path(args)
+    out = _output_file(args, path, "the pruned .kse file to write")
+    targets = [f for f, v in (("--ratio", args.ratio), ("--macs", args.macs), ("--match", args.match)) if v is not None]
+    if len(targets) != 1:
+        raise CLIError("give exactly one of --ratio (fraction of filters to remove), --macs (a MAC budget) or "
+                       f"--match (a .kse file whose MACs to match); got {', '.join(targets) or 'none'}")
+    model = _load_model(path)
+    if _kse_layers(model):
+        raise CLIError(f"{path} is KSE-compressed; L1 filter pruning starts from a dense baseline")
+    input_size = _input_size(model, path)
+    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    before = profile(model, input_size)
+    try:
+        if args.ratio is not None:
+            removed = l1_prune_(model, args.ratio, args.layers, example)
+            ratio = args.ratio
+        else:
+            target = args.macs
+            if args.match is not None:
+                other = Path(args.match)
+                if not other.is_file():
+                    raise CLIError(f"--match: file not found: {other}")
+                matched = _load_model(other)
+                target = profile(matched, _input_size(matched, other)).macs
+            _stage("prune-l1", f"searching the pruning ratio for {target / 1e6:.2f}M MACs")
+            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    after = profile(model, input_size)
+    extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
+             "l1_prune": {"ratio": ratio, "layers": list(args.layers), "removed": {k: len(v) for k, v in removed.items()},
+                          "baseline": {"params": before.params, "macs": before.macs}}}
+    save(model, out, preprocess=getattr(model, "kse_preprocess", None), extra=extra)
+    _save_args(args, out.parent, f"{out.stem}.args.json")
+    print(f"L1 filter pruning, ratio {ratio:.4f} on {len(removed)} layers ({', '.join(args.layers)})")
+    _print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_prune_l1(sub) -> None:
+    p = sub.add_parser("prune-l1", help="L1-norm filter pruning (Li et al. 2017), the peer KSE is compared to",
+                       description="Remove the output filters of smallest L1 norm from the selected convolutions "
+                                   "(default: the first conv of every residual block, as Li et al. do for ResNet-56), "
+                                   "with Torch-Pruning's DependencyGraph; the same fraction in every layer, given or "
+                                   "searched to meet a MAC budget. Writes a dense .kse file for `kse finetune`.")
+    _config_file(p)
+    _common(p, "checkpoint", "out")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
+    p.add_argument("--macs", type=float, default=None, help="MAC budget of the pruned model")
+    p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")
+    p.set_defaults(func=cmd_prune_l1, _defaults=dict(layers=["*.conv1"]))
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -1203,7 +1270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kse", description="KSE: compress CNNs with kernel sparsity and entropy.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
-    for add in (_add_models, _add_analyze, _add_compress, _add_finetune, _add_eval, _add_export, _add_bench,
+    for add in (_add_models, _add_analyze, _add_compress, _add_prune_l1, _add_finetune, _add_eval, _add_export, _add_bench,
                 _add_demo):
         add(sub)
     return parser
