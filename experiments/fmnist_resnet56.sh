@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST experiment of the README: KSE G=4 / G=5 against L1 filter pruning at
+# KSE G=4's MACs, all fine-tuned with the same budget; a G=3..6 sweep with L1 peers at
+# matching MACs; the ablation (sparsity alone, entropy alone, official entropy layout).
+# Every step is skipped when its output exists, so an interrupted run continues where it
+# stopped. Then experiments/collect.py measures and tabulates everything.
+#
+#   BASE=checkpoints/resnet56-fmnist.kse OUT=runs/exp EPOCHS=4 SWEEP_STEPS=200 bash experiments/fmnist_resnet56.sh
+set -euo pipefail
+BASE=${BASE:-checkpoints/resnet56-fmnist.kse}
+OUT=${OUT:-runs/exp}
+EPOCHS=${EPOCHS:-4}            # main runs: epochs of fine-tuning (the paper's recipe, lr x0.1 at half)
+SWEEP_STEPS=${SWEEP_STEPS:-200} # sweep and ablation: steps of fine-tuning (one epoch, capped)
+KSE=${KSE:-kse}
+FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0)
+mkdir -p "$OUT"
+
+compress() {  # name, flags...
+  local name=$1; shift
+  [ -f "$OUT/$name.kse" ] || $KSE compress --checkpoint "$BASE" --out "$OUT/$name.kse" "$@" > "$OUT/$name.compress.txt"
+}
+l1() {  # name, matched KSE name
+  [ -f "$OUT/$1.kse" ] || $KSE prune-l1 --checkpoint "$BASE" --out "$OUT/$1.kse" --match "$OUT/$2.kse" > "$OUT/$1.prune.txt"
+}
+finetune() {  # folder, start, flags...
+  local dir=$1 start=$2; shift 2
+  [ -f "$OUT/$dir/model.kse" ] && return
+  local resume=()
+  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
+  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
+}
+
+for G in 3 4 5 6; do compress "g$G" --G "$G"; l1 "l1-g$G" "g$G"; done
+compress "g4-sparsity" --G 4 --score sparsity
+compress "g4-entropy" --G 4 --score entropy
+compress "g4-official" --G 4 --entropy-layout official
+
+# main runs: equal budgets
+for run in g4 g5 l1-g4; do finetune "ft-$run" "$run" --epochs "$EPOCHS"; done
+# sweep and ablation: equal (short) budgets
+for run in g3 g4 g5 g6 l1-g3 l1-g4 l1-g5 l1-g6 g4-sparsity g4-entropy g4-official; do
+  finetune "short-$run" "$run" --epochs 1 --max-steps "$SWEEP_STEPS"
+done
+echo "done: $OUT"
