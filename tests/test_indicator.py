@@ -45,10 +45,21 @@ def test_entropy_known_answer():
     assert kse.kernel_entropy(w, k=2).item() == pytest.approx(float(-(p * p.log2()).sum()))
 
 
-@pytest.mark.parametrize("shape,k", [((7, 4, 3, 3), 5), ((5, 3, 1, 1), 5), ((3, 2, 2, 3), 1), ((16, 6, 3, 3), 3)])
+@pytest.mark.parametrize("shape,k", [((7, 4, 3, 3), 5), ((5, 3, 1, 1), 5), ((3, 2, 2, 3), 1), ((16, 6, 3, 3), 3),
+                                     ((40, 5, 1, 1), 5), ((9, 3, 1, 1), 2), ((6, 2, 1, 1), 5), ((2, 3, 1, 1), 1)])
 def test_entropy_matches_slow_loop(shape, k):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(kse.kernel_entropy(w, k).double(), slow_entropy(w, k), rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_1x1_with_ties_matches_slow_loop():
+    # scalar kernels with repeated values and clusters: the sorted-neighbour path must pick the
+    # same distances as a full search
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-3, 4, (30, 6, 1, 1), generator=g).float() / 2
+    w[:, 1] = 0.0
+    w[::2, 2] = 5.0
+    torch.testing.assert_close(kse.kernel_entropy(w, 5).double(), slow_entropy(w, 5), rtol=1e-6, atol=1e-9)
 
 
 def test_entropy_edge_cases_are_finite():

@@ -75,18 +75,32 @@ def _nearest_distance_sums(kernels: Tensor, k: int) -> Tensor:
     return out
 
 
+_CACHE_ELEMS = 2**15  # float64 elements per chunk of element-wise work (256 KiB)
+
+
 def _nearest_distance_sums_1d(values: Tensor, k: int) -> Tensor:
     """1x1 kernels: the k nearest neighbours of a scalar lie among the k values on either
-    side of it in sorted order, so sort once and look at 2k candidates (exact)."""
+    side of it in sorted order (exact). With ``L_1 <= .. <= L_k`` the distances to the left
+    neighbours and ``R_1 <= .. <= R_k`` to the right ones, the sum of the k smallest of both
+    lists is ``min_t (L_1 + .. + L_t) + (R_1 + .. + R_{k-t})``: prefix sums, no sort or top-k."""
     C, N = values.shape
-    sorted_vals, order = values.sort(dim=-1)
-    pad = torch.full((C, k), float("inf"), dtype=values.dtype, device=values.device)
-    padded = torch.cat([pad, sorted_vals, pad], dim=1)  # [C, N + 2k]
-    offsets = torch.cat([torch.arange(-k, 0), torch.arange(1, k + 1)]).to(values.device)
-    pos = torch.arange(N, device=values.device).unsqueeze(1) + k + offsets  # [N, 2k]
-    cand = (padded[:, pos] - sorted_vals.unsqueeze(-1)).abs()  # [C, N, 2k]; inf past the ends
-    dm_sorted = cand.topk(k, dim=-1, largest=False).values.sum(-1)
-    return torch.empty_like(dm_sorted).scatter_(1, order, dm_sorted)
+    sorted_all, order = values.sort(dim=-1)
+    dm_all = torch.empty_like(sorted_all)
+    step = max(1, _CACHE_ELEMS // (N + 2 * k))  # rows per chunk: the ~30 passes below stay in cache
+    for lo in range(0, C, step):
+        sorted_vals = sorted_all[lo:lo + step]
+        pad = torch.full((len(sorted_vals), k), float("inf"), dtype=values.dtype, device=values.device)
+        padded = torch.cat([-pad, sorted_vals, pad], dim=1)  # distances past the ends are inf
+        # plain [c, N] tensors: element-wise ops vectorise, reductions over a dim of k+1 do not
+        prefix_l, prefix_r = [torch.zeros_like(sorted_vals)], [torch.zeros_like(sorted_vals)]  # j nearest, j=0..k
+        for j in range(1, k + 1):
+            prefix_l.append(prefix_l[-1] + (sorted_vals - padded[:, k - j:k - j + N]))
+            prefix_r.append(prefix_r[-1] + (padded[:, k + j:k + j + N] - sorted_vals))
+        dm = dm_all[lo:lo + step]
+        torch.add(prefix_l[0], prefix_r[k], out=dm)  # t = 0 from the left, k from the right; then the rest
+        for t in range(1, k + 1):
+            torch.minimum(dm, prefix_l[t] + prefix_r[k - t], out=dm)
+    return torch.empty_like(dm_all).scatter_(1, order, dm_all)
 
 
 def kernel_entropy(weight: Tensor, k: int = 5) -> Tensor:
