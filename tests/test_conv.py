@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kse.conv import KSEConv2d, cluster_kernels
+from kse.conv import KSEConv2d, cluster_kernels, cluster_many
 
 
 def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
@@ -155,3 +155,27 @@ def test_float64_layer_keeps_precision():
     assert layer.centroids.dtype == torch.float64
     w = conv.weight.detach()
     torch.testing.assert_close(layer.clustered_weight()[:, [0, 2]], w[:, [0, 2]], rtol=0, atol=0)
+
+
+def test_cluster_many_gives_each_layer_what_it_gets_alone():
+    # layers of equal kernel shape and count share batched k-means calls; every layer still
+    # draws from its own generator, so its clusters do not depend on the company it keeps
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(16, 6, 3, 3, generator=g), torch.randn(16, 5, 3, 3, generator=g),
+               torch.randn(32, 4, 1, 1, generator=g), torch.randn(16, 3, 3, 3, generator=g)]
+    counts = [torch.tensor([0, 4, 4, 8, 16, 2]), torch.tensor([4, 4, 1, 8, 0]), torch.tensor([8, 8, 3, 32]),
+              torch.tensor([4, 2, 2])]
+    calls = []
+
+    def counting_map(fn, keys):
+        calls.extend(keys)
+        return map(fn, keys)
+
+    jobs = [(w, c, torch.Generator().manual_seed(10 + i)) for i, (w, c) in enumerate(zip(weights, counts))]
+    together = cluster_many(jobs, n_init=2, map_fn=counting_map)
+    # distinct (N, D, q): (16,9,4) (16,9,8) (16,9,16) (16,9,2) (16,9,1) (32,1,8) (32,1,3) (32,1,32)
+    assert len(calls) == 8
+    for i, (w, c) in enumerate(zip(weights, counts)):
+        alone = cluster_kernels(w, c, torch.Generator().manual_seed(10 + i), n_init=2)
+        for a, b in zip(together[i], alone):
+            assert torch.equal(a, b)

@@ -101,3 +101,28 @@ def test_chunking_gives_the_same_result(monkeypatch):
     torch.testing.assert_close(ind.kernel_entropy(w), whole)
     got = batched_kmeans(pts, 3, generator=torch.Generator().manual_seed(0))
     assert got[1].shape == ref[1].shape and torch.isfinite(got[0]).all()
+
+
+def _seed_reference(points, first, uniforms):
+    """k-means++ for one set at a time with one cumulative sum over all points (float64)."""
+    B, N, D = points.shape
+    out = torch.empty(B, uniforms.shape[1], D)
+    for i in range(B):
+        pts = points[i].double()
+        chosen = [int(first[i])]
+        for u in uniforms[i, 1:].double():
+            d2 = torch.stack([((pts - pts[c]) ** 2).sum(-1) for c in chosen]).min(0).values
+            cdf = d2.cumsum(0)
+            chosen.append(min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), N - 1))
+        out[i] = points[i, chosen]
+    return out
+
+
+@pytest.mark.parametrize("shape,q", [((6, 100, 1), 7), ((5, 64, 9), 6), ((4, 33, 2), 5), ((3, 31, 1), 4)])
+def test_two_level_seeding_draws_like_one_cumulative_sum(shape, q):
+    from kse.kmeans import _seed, draw_seeds
+
+    pts = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    pts[0] = pts[0, :1]  # a set of duplicates: every distance 0 after the first pick
+    first, uniforms = draw_seeds(shape[0], shape[1], q, 1, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(_seed(pts, first[0], uniforms[0]), _seed_reference(pts, first[0], uniforms[0]))

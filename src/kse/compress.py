@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import KSEConfig
-from .conv import KSEConv2d
+from .conv import KSEConv2d, cluster_many
 from .indicator import _indicator64, centroid_counts
 from .modules import eval_mode, set_module
 from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
@@ -190,22 +190,21 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     plans = plan(model, cfg, example)
     _log(verbose, f"kse: scored {len(plans)} layers in {time.time() - t0:.1f}s")
 
-    # build every replacement before touching the model
+    # build every replacement before touching the model; one generator per layer, seeded by
+    # (seed, layer index): a layer's clusters depend neither on the other layers nor on how the
+    # work is batched and shared out (see cluster_many)
     new: Dict[str, nn.Module] = {}
-
-    def build(i: int, p: LayerPlan) -> KSEConv2d:
-        # one generator per layer, seeded by (seed, layer index): a layer's clusters do not
-        # depend on the other layers, nor on the order in which the workers take them
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
-        conv = model.get_submodule(p.name)
+    convs = [model.get_submodule(p.name) for p in plans]
+    for p, conv in zip(plans, convs):
         try:
-            layer = KSEConv2d.from_conv(conv, p.counts, generator, cfg.kmeans_iters, cfg.n_init)
+            KSEConv2d._check_conv(conv)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {p.name!r}: {exc}") from None
-        return layer.train(conv.training)
-
-    for i, (p, layer) in enumerate(zip(plans, _map_layers(build, range(len(plans)), plans))):
-        new[p.name] = layer
+    jobs = [(conv.weight, p.counts, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
+            for i, (p, conv) in enumerate(zip(plans, convs))]
+    clusters = cluster_many(jobs, cfg.kmeans_iters, cfg.n_init, map_fn=_map_layers)
+    for i, (p, conv, found) in enumerate(zip(plans, convs, clusters)):
+        new[p.name] = KSEConv2d.from_clusters(conv, p.counts, *found).train(conv.training)
         _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
                       f"{p.centroids} centroids")
     final = dict(new)

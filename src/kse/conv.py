@@ -32,14 +32,14 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kmeans import batched_kmeans
+from .kmeans import batched_kmeans, draw_seeds
 
 FORMS = ("train", "dense", "full", "split")
 INFERENCE_FORMS = ("dense", "full", "split")
@@ -67,28 +67,64 @@ def cluster_kernels(weight: Tensor, counts: Tensor, generator: Optional[torch.Ge
         with K the channels whose count is > 0, in increasing order, and
         ``assignment[j, n]`` the centroid row of kernel n of kept channel ``kept[j]``.
     """
-    N, C, kh, kw = weight.shape
-    counts = counts.to(torch.long).cpu()
-    if counts.shape != (C,) or (counts < 0).any() or (counts > N).any():
-        raise ValueError(f"centroid counts must be LongTensor[{C}] with values in [0, {N}], got shape "
-                         f"{tuple(counts.shape)} with values in [{int(counts.min())}, {int(counts.max())}]")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    kept = torch.nonzero(counts > 0).flatten()
-    kernels = weight.detach().reshape(N, C, kh * kw).transpose(0, 1)  # [C, N, D]
-    kept_counts = counts[kept]
-    offsets = centroid_offsets(kept_counts)  # centroid rows: channel after channel, in kept order
-    total = int(kept_counts.sum())
-    work_dtype = torch.promote_types(weight.dtype, torch.float32)
-    centroids = weight.new_empty(total, kh * kw)
-    assignment = torch.empty(len(kept), N, dtype=torch.long)
-    for q in torch.unique(kept_counts).tolist():
-        pos = torch.nonzero(kept_counts == q).flatten()  # positions in `kept`
-        cents, assign = batched_kmeans(kernels[kept[pos].to(weight.device)].to(work_dtype), int(q),
-                                       iters=iters, n_init=n_init, generator=generator)
-        rows = offsets[pos].unsqueeze(1) + torch.arange(q)  # [P, q]
-        centroids[rows.flatten().to(weight.device)] = cents.reshape(-1, kh * kw).to(weight.dtype)
-        assignment[pos] = assign.cpu() + offsets[pos].unsqueeze(1)
-    return kept, centroids.reshape(total, kh, kw), assignment
+    return cluster_many([(weight, counts, generator)], iters, n_init)[0]
+
+
+def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]], iters: int = 50, n_init: int = 1,
+                 map_fn: Callable = map) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """``cluster_kernels`` for several layers at once: ``jobs`` holds ``(weight, counts, generator)``.
+
+    Channel sets of equal shape and centroid count are clustered in one batched k-means across
+    layers (the per-call overhead dominates for small buckets), while each layer draws its
+    k-means++ numbers from its own generator: a layer's result is the same as alone.
+    ``map_fn`` runs the batched calls (e.g. a thread pool's ``map``).
+    """
+    layers, groups = [], {}
+    for j, (weight, counts, generator) in enumerate(jobs):
+        N, C, kh, kw = weight.shape
+        counts = torch.as_tensor(counts).to(torch.long).cpu()
+        if counts.shape != (C,) or (counts < 0).any() or (counts > N).any():
+            lo, hi = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+            raise ValueError(f"centroid counts must be LongTensor[{C}] with values in [0, {N}], got shape "
+                             f"{tuple(counts.shape)} with values in [{lo}, {hi}]")
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        kept = torch.nonzero(counts > 0).flatten()
+        kernels = weight.detach().reshape(N, C, kh * kw).transpose(0, 1)  # [C, N, D]
+        kept_counts = counts[kept]
+        work_dtype = torch.promote_types(weight.dtype, torch.float32)
+        layers.append((weight, kept, kept_counts))
+        for q in torch.unique(kept_counts).tolist():
+            pos = torch.nonzero(kept_counts == q).flatten()  # positions in `kept`
+            points = kernels[kept[pos].to(weight.device)].to(work_dtype)
+            seeds = draw_seeds(len(pos), N, q, n_init, generator) if 1 < q < N else None
+            key = (N, kh * kw, q, work_dtype, str(weight.device))
+            groups.setdefault(key, []).append((j, pos, points, seeds))
+
+    def run(key):
+        members = groups[key]
+        q = key[2]
+        points = torch.cat([m[2] for m in members])
+        seeds = None
+        if members[0][3] is not None:
+            seeds = (torch.cat([m[3][0] for m in members], 1), torch.cat([m[3][1] for m in members], 1))
+        return batched_kmeans(points, q, iters=iters, n_init=n_init, seeds=seeds)
+
+    # largest first, so that parallel workers finish together
+    keys = sorted(groups, key=lambda k: -k[0] * k[1] * k[2] * sum(len(m[1]) for m in groups[k]))
+    results = [(weight.new_empty(int(kc.sum()), weight.shape[2] * weight.shape[3]),
+                torch.empty(len(kept), weight.shape[0], dtype=torch.long)) for weight, kept, kc in layers]
+    offsets = [centroid_offsets(kc) for _, _, kc in layers]  # centroid rows: channel after channel, in kept order
+    for key, (cents, assign) in zip(keys, map_fn(run, keys)):
+        q, start = key[2], 0
+        for j, pos, _, _ in groups[key]:
+            part = slice(start, start + len(pos))
+            start += len(pos)
+            centroids, assignment = results[j]
+            rows = offsets[j][pos].unsqueeze(1) + torch.arange(q)  # [P, q]
+            centroids[rows.flatten().to(centroids.device)] = cents[part].reshape(-1, key[1]).to(centroids.dtype)
+            assignment[pos] = assign[part].cpu() + offsets[j][pos].unsqueeze(1)
+    return [(kept, centroids.reshape(len(centroids), *weight.shape[2:]), assignment)
+            for (weight, kept, _), (centroids, assignment) in zip(layers, results)]
 
 
 class KSEConv2d(nn.Module):
@@ -135,13 +171,23 @@ class KSEConv2d(nn.Module):
         ``counts`` is what :func:`kse.centroid_counts` returns (0: drop the channel,
         N: keep its kernels as they are).
         """
+        cls._check_conv(conv)
+        return cls.from_clusters(conv, counts, *cluster_kernels(conv.weight, counts, generator, iters, n_init))
+
+    @staticmethod
+    def _check_conv(conv: nn.Module) -> None:
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"KSE needs groups == 1, got a conv with groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"KSE supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        kept, centroids, assignment = cluster_kernels(conv.weight, counts, generator, iters, n_init)
+
+    @classmethod
+    def from_clusters(cls, conv: nn.Conv2d, counts: Tensor, kept: Tensor, centroids: Tensor,
+                      assignment: Tensor) -> "KSEConv2d":
+        """The layer for ``conv`` with clusters already computed (what ``cluster_kernels`` returns)."""
+        cls._check_conv(conv)
         counts = torch.as_tensor(counts, dtype=torch.long).cpu()
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, kept, counts[kept])
