@@ -73,8 +73,16 @@ def test_dead_channels_really_removed_on_resnet56():
     x = torch.randn(3, 3, 32, 32)
     cfg = dict(G=4, seed=3, input_size=(3, 32, 32))
     kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
-    removed = kse.compress(net, kse.KSEConfig(**cfg))
+    removed = kse.compress(net, kse.KSEConfig(**cfg, channel_multiple=1))
     torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    # widths kept at multiples of 8 (the default): fewer channels go, still exact
+    aligned = kse.compress(net, kse.KSEConfig(**cfg))
+    torch.testing.assert_close(outputs(aligned, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    widths = [m.out_channels for m in aligned.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
+    assert all(w % 8 == 0 for w in widths)
+    exact = [m.out_channels for m in removed.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
+    assert any(w % 8 for w in exact)  # without alignment some widths are odd ...
+    assert [w + (-w) % 8 for w in exact] == widths  # ... and the aligned ones are those rounded up
     # every block's conv1 lost the channels its conv2 dropped
     block = removed.layer2[3]
     assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
@@ -97,8 +105,16 @@ def test_dead_channel_removal_changes_no_output_torchvision(builder, size):
     x = torch.randn(2, 3, size, size)
     cfg = dict(G=5, T=1, seed=1, input_size=(3, size, size), kmeans_iters=10)
     kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
-    removed = kse.compress(net, kse.KSEConfig(**cfg))
+    removed = kse.compress(net, kse.KSEConfig(**cfg, channel_multiple=1))
     torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    # widths kept at multiples of 8 (the default): fewer channels go, still exact
+    aligned = kse.compress(net, kse.KSEConfig(**cfg))
+    torch.testing.assert_close(outputs(aligned, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
+    widths = [m.out_channels for m in aligned.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
+    assert all(w % 8 == 0 for w in widths)
+    exact = [m.out_channels for m in removed.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
+    assert any(w % 8 for w in exact)  # without alignment some widths are odd ...
+    assert [w + (-w) % 8 for w in exact] == widths  # ... and the aligned ones are those rounded up
     n_kept = sum(p.numel() for p in kept.parameters())
     n_removed = sum(p.numel() for p in removed.parameters())
     if builder is torchvision.models.resnet50:
@@ -158,6 +174,7 @@ def test_swap_failure_is_rolled_back(monkeypatch, fail_at):
     (dict(alpha=-0.5), "alpha must be a finite number >= 0, got -0.5"),
     (dict(k=0), "k must be an integer >= 1, got 0"),
     (dict(input_size=(3, 32)), "input_size must be"),
+    (dict(channel_multiple=0), "channel_multiple must be an integer >= 1, got 0"),
     (dict(score="l1"), "score must be one of 'kse', 'sparsity', 'entropy', got 'l1'"),
     (dict(entropy_layout="bug"), "entropy_layout must be one of 'paper', 'official', got 'bug'"),
 ])

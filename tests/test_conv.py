@@ -55,13 +55,17 @@ def test_full_count_keeps_kernels_exactly():
     assert layer.compression_ratio() == pytest.approx(1.0)
 
 
-def test_centroid_gradient_is_sum_of_member_kernel_gradients():
-    conv, layer, _ = make_layer(C=4, N=6, counts=torch.tensor([0, 1, 3, 6]))
+@pytest.mark.parametrize("counts", [[0, 1, 3, 6], [0, 0, 3, 6], [2, 1, 3, 6]])  # 3/4, 2/4, 4/4 channels kept
+def test_centroid_gradient_is_sum_of_member_kernel_gradients(counts):
+    # 3/4 kept trains through zero kernels over all channels, 2/4 gathers the kept input channels
+    conv, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer = layer.double()
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    F.conv2d(ref_x, layer.to_conv().weight.detach(), layer.bias.detach(), 1, 1).square().sum().backward()
     # gradient w.r.t. the rebuilt dense weight, mapped back by hand
     w = layer.clustered_weight().detach().requires_grad_(True)
-    y = F.conv2d(x.index_select(1, layer.kept_channels), w, layer.bias, layer.stride, layer.padding)
+    y = F.conv2d(x.detach().index_select(1, layer.kept_channels), w, layer.bias, layer.stride, layer.padding)
     y.square().sum().backward()
     expected = torch.zeros_like(layer.centroids)
     for j in range(len(layer.kept_channels)):
@@ -69,7 +73,8 @@ def test_centroid_gradient_is_sum_of_member_kernel_gradients():
             expected[layer.assignment[j, n]] += w.grad[n, j]
     layer(x).square().sum().backward()
     torch.testing.assert_close(layer.centroids.grad, expected)
-    assert torch.autograd.gradcheck(lambda c: F.conv2d(x.index_select(1, layer.kept_channels), c[layer.assignment].transpose(0, 1),
+    torch.testing.assert_close(x.grad, ref_x.grad)  # the input gradient of the equivalent dense conv
+    assert torch.autograd.gradcheck(lambda c: F.conv2d(x.detach().index_select(1, layer.kept_channels), c[layer.assignment].transpose(0, 1),
                                                        None, 1, 1), (layer.centroids.detach().clone().requires_grad_(True),))
 
 

@@ -209,7 +209,7 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
                       f"{p.centroids} centroids")
     final = dict(new)
     if cfg.remove_dead_channels:
-        removal = find_dead_channels(model, {p.name: p.counts for p in plans}, example)
+        removal = find_dead_channels(model, {p.name: p.counts for p in plans}, example, cfg.channel_multiple)
         for name, rm in removal.items():
             module = final.get(name, model.get_submodule(name))
             if isinstance(module, KSEConv2d):

@@ -48,6 +48,8 @@ class KSEConfig:
         exclude: glob patterns of layer names never to compress.
         skip_first: leave the convolution that reads the network input alone.
         remove_dead_channels: physically remove producer channels no layer reads any more.
+        channel_multiple: when removing them, keep each producer's width a multiple of this
+            (8: widths the CPU/GPU kernels handle well; 1: remove every dead channel).
         input_size: ``(C, H, W)`` used to trace the model for dead-channel removal; default:
             the model's recorded preprocessing, else ``(C_in, 64, 64)``.
         filter_fn: optional ``fn(module, name) -> bool``; a layer is compressed only when it
@@ -67,6 +69,7 @@ class KSEConfig:
     exclude: List[str] = field(default_factory=list)
     skip_first: bool = True
     remove_dead_channels: bool = True
+    channel_multiple: int = 8
     input_size: Optional[Tuple[int, int, int]] = None
     filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)
 
@@ -77,6 +80,7 @@ class KSEConfig:
         _int_at_least("seed", self.seed, 0)
         _int_at_least("kmeans_iters", self.kmeans_iters, 1)
         _int_at_least("n_init", self.n_init, 1)
+        _int_at_least("channel_multiple", self.channel_multiple, 1)
         if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
                 or not math.isfinite(self.alpha) or self.alpha < 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")

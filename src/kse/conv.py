@@ -127,6 +127,13 @@ def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]
             for (weight, kept, _), (centroids, assignment) in zip(layers, results)]
 
 
+# Above this fraction of kept input channels, a training step convolves all input channels (zero
+# kernels for the dropped ones) instead of gathering the kept ones: on this project's CPU, a
+# 64->64 3x3 layer at 7x7, batch 128, channels_last, trained 23% slower than the dense conv
+# with 55/64 channels gathered, and 33% faster with 29/64 (benchmarks/train_step.py: whole model)
+_TRAIN_SELECT_MAX_KEPT = 2 / 3
+
+
 class KSEConv2d(nn.Module):
     """2D convolution with KSE-clustered kernels and skipped input channels.
 
@@ -212,8 +219,14 @@ class KSEConv2d(nn.Module):
 
     # ------------------------------------------------------------------ math
     def clustered_weight(self) -> Tensor:
-        """``W' : Tensor[N, C_kept, kh, kw]`` with ``W'[n, j] = centroids[assignment[j, n]]``."""
-        return self.centroids[self.assignment].transpose(0, 1)
+        """``W' : Tensor[N, C_kept, kh, kw]`` with ``W'[n, j] = centroids[assignment[j, n]]``.
+
+        Built contiguous with ``index_select`` (its backward is an ``index_add``: the gradient of
+        a centroid is the sum of its kernels' gradients, KSE.md §6)."""
+        K, N = self.assignment.shape
+        kh, kw = self.kernel_size
+        rows = self.centroids.reshape(-1, kh * kw).index_select(0, self.assignment.t().reshape(-1))
+        return rows.view(N, K, kh, kw)
 
     @property
     def all_kept(self) -> bool:
@@ -222,6 +235,10 @@ class KSEConv2d(nn.Module):
     def _select(self, x: Tensor) -> Tensor:
         if self.all_kept:
             return x
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # gather along the innermost (channel) axis, so the result stays channels_last: an
+            # NCHW result would switch every following layer to the slower layout
+            return x.permute(0, 2, 3, 1).index_select(3, self.kept_channels).permute(0, 3, 1, 2)
         return x.index_select(1, self.kept_channels)
 
     def _refresh(self) -> None:
@@ -233,6 +250,12 @@ class KSEConv2d(nn.Module):
         if self.form == "train" or (self.training and torch.is_grad_enabled()):
             # training always rebuilds W' from the centroids, whatever the inference form
             weight = self.clustered_weight()
+            if len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels and not self.all_kept:
+                # few channels dropped: gathering the input (and scattering its gradient) costs
+                # more than it saves; convolve all channels with zero kernels for the dropped ones
+                weight = weight.new_zeros(weight.shape[0], self.in_channels, *weight.shape[2:]).index_copy(
+                    1, self.kept_channels, weight)
+                return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
             return F.conv2d(self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
         self._refresh()
         if self.form == "split":

@@ -1,0 +1,86 @@
+"""Time one training step (forward, backward, SGD update) of a dense CIFAR ResNet and of its
+KSE-compressed version, in float32 and under CPU bfloat16 autocast (``--amp``), measured in
+interleaved rounds in one run.
+
+    python benchmarks/train_step.py [--checkpoint checkpoints/resnet56-fmnist.kse] [--G 4] [--batch-size 128]
+
+Prints one JSON object: median step time and images/s per (model, precision), and the ratio
+compressed / dense (issue: a training step of the compressed model must be no slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kse
+from kse.models import get_model
+
+
+def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, steps: int) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="a dense .kse baseline (default: random resnet56)")
+    ap.add_argument("--G", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        dense = kse.load(args.checkpoint)
+        size = tuple(dense.kse_preprocess["input_size"])
+    else:
+        torch.manual_seed(0)
+        dense, size = get_model("resnet56", num_classes=10, in_channels=1), (1, 28, 28)
+    compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size))
+    models = {"dense": dense, f"kse_g{args.G}": compressed}
+    for m in models.values():
+        m.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    samples = {(name, amp): [] for name in models for amp in (False, True)}
+    for _ in range(args.rounds):
+        for (name, amp) in samples:
+            samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
+    result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
+              "checkpoint": args.checkpoint, "G": args.G}
+    for (name, amp), ts in samples.items():
+        key = f"{name}_{'bf16' if amp else 'fp32'}"
+        med = statistics.median(ts)
+        result[f"{key}_step_ms"] = round(1e3 * med, 2)
+        result[f"{key}_img_per_s"] = round(args.batch_size / med, 1)
+    for prec in ("fp32", "bf16"):
+        result[f"step_ratio_kse_over_dense_{prec}"] = round(
+            result[f"kse_g{args.G}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
+    result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
+    result.update(torch_threads=torch.get_num_threads(), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                  torch=torch.__version__)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
