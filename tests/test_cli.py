@@ -176,6 +176,7 @@ def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monke
     line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript"])
     assert "does not match PyTorch: max relative difference 0.5 > 0.0001" in line
     assert not (out_dir / "model.ts.pt").exists()
+    assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".model")]  # no temporary file left
 
 
 def test_bench_json(finetuned):

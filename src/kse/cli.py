@@ -871,8 +871,34 @@ def _max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _export_and_check(model: torch.nn.Module, fmt: str, target: Path, example: torch.Tensor, check: torch.Tensor,
+                      ref: torch.Tensor) -> float:
+    """Export ``model`` to ``target`` in ``fmt``, run the file on ``check``; max relative difference to ``ref``."""
     import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                import onnxruntime as ort
+
+                # NOTE: the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript
+                torch.onnx.export(model, (example,), str(target), dynamo=False, input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+                got = torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
+            else:
+                torch.jit.trace(model, example).save(str(target))
+                with torch.no_grad():
+                    got = torch.jit.load(str(target))(check)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        name = "ONNX" if fmt == "onnx" else "TorchScript"
+        raise CLIError(f"{name} export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+    return _max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .atomic import atomic_path
 
     path = _checkpoint_path(args)
     if not args.out:
@@ -880,7 +906,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = list(dict.fromkeys(args.format))
     if "onnx" in formats:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401 - checked before any work
         except ImportError:
             raise CLIError("ONNX export is verified with onnxruntime, which is not installed; "
                            "pip install 'kse[export]' or pass --format torchscript") from None
@@ -904,35 +930,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     written, verified = [], {}
     tolerance = 1e-4
     for fmt in formats:
-        if fmt == "onnx":
-            target = out / "model.onnx"
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    # NOTE: the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript
-                    torch.onnx.export(model, (example,), str(target), dynamo=False, input_names=["input"],
-                                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-                session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-                got = torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
-            except Exception as exc:  # noqa: BLE001 - reported as one line
-                raise CLIError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
-        else:
-            target = out / "model.ts.pt"
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(model, example)
-                    traced.save(str(target))
-                    with torch.no_grad():
-                        got = torch.jit.load(str(target))(check)
-            except Exception as exc:  # noqa: BLE001 - reported as one line
-                raise CLIError(f"TorchScript export failed: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0]}") from None
-        diff = _max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
-        if not diff <= tolerance:
-            target.unlink(missing_ok=True)
-            raise CLIError(f"{fmt} export does not match PyTorch: max relative difference {diff:.3g} > {tolerance:g} "
-                           f"(file removed)")
+        target = out / ("model.onnx" if fmt == "onnx" else "model.ts.pt")
+        # written to a temporary file, checked, then renamed: a failed export leaves no file behind
+        with atomic_path(target) as tmp:
+            diff = _export_and_check(model, fmt, tmp, example, check, ref)
+            if not diff <= tolerance:
+                raise CLIError(f"{fmt} export does not match PyTorch: max relative difference {diff:.3g} > "
+                               f"{tolerance:g} (nothing written)")
         verified[fmt] = {"file": str(target), "max_rel_diff": diff}
         written.append(target)
         print(f"wrote {target} (verified: max relative difference {diff:.2e} on a batch of {len(check)})")
