@@ -33,6 +33,7 @@ import torchvision
 import kse
 from kse.conv import KSEConv2d
 from kse.models import get_model
+from kse import fused
 from kse.report import capture_layer_inputs
 from kse.timing import time_call
 
@@ -55,7 +56,8 @@ def pruned_macs(model: nn.Module, input_size) -> int:
     return total
 
 
-def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int) -> list:
+def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int,
+                forms=("dense", "full", "split")) -> list:
     results = []
     dense_macs = kse.profile(model, input_size).macs
     for setting in settings:
@@ -64,8 +66,8 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
         pruned = copy.deepcopy(small)
         kse.deploy_(pruned, form="dense")
         paper = kse.profile(small, input_size).macs
-        kse.deploy_(small, form="auto", input_size=input_size)
-        row = {"model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
+        chosen = kse.deploy_(small, form="auto", input_size=input_size, candidates=forms)
+        row = {"forms": {f: list(chosen.values()).count(f) for f in sorted(set(chosen.values()))},"model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
                "mac_ratio_paper": dense_macs / paper, "batches": {}}
         for b in batches:
             x = torch.randn(b, *input_size)
@@ -89,15 +91,19 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
             prof = kse.profile(nn.Sequential(copy.deepcopy(layer).set_form("train")), tuple(x.shape[1:]))
             paper_ratio = prof.rows[0].dense_macs / max(prof.rows[0].macs, 1)
             times = {}
+            keep = layer.form
             with torch.no_grad():
                 times["conv"] = time_call(conv, x, 1, repeats)["median_ms"]
-                for form in ("dense", "split"):
+                for form in forms:
+                    if form == "fused" and not fused.supports(layer):
+                        continue
                     layer.set_form(form)
                     times[form] = time_call(layer, x, 1, repeats)["median_ms"]
-            best = min(times["dense"], times["split"])
-            speedup = times["conv"] / best
-            layers.append({"layer": n, "conv_ms": round(times["conv"], 4), "dense_ms": round(times["dense"], 4),
-                           "split_ms": round(times["split"], 4), "speedup": round(speedup, 3),
+            layer.set_form(keep)
+            best_form = min((f for f in times if f != "conv"), key=times.get)
+            speedup = times["conv"] / times[best_form]
+            layers.append({"layer": n, **{f"{f}_ms": round(t, 4) for f, t in times.items()}, "best": best_form,
+                           "speedup": round(speedup, 3),
                            "paper_mac_ratio": round(paper_ratio, 3),
                            "realised_fraction": round((speedup - 1) / max(paper_ratio - 1, 1e-9), 3)})
         row["layers"] = layers
@@ -111,6 +117,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="a trained .kse (dense) to use instead of random weights")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fused", action="store_true", help="also measure the compiled fused kernel (kse.fused)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +131,8 @@ def main() -> None:
         else:
             model = (torchvision.models.resnet50() if name == "resnet50" else get_model(name)).eval()
             size = INPUT[name]
-        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats)
+        forms = ("dense", "full", "split") + (("fused",) if args.fused else ())
+        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms)
     print(json.dumps(out, indent=1))
 
 

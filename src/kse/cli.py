@@ -965,10 +965,14 @@ def _add_export(sub) -> None:
 
 # ----------------------------------------------------------------------------- bench
 def _bench(model: torch.nn.Module, input_size: tuple, batch_sizes: List[int], warmup: int,
-           repeats: int) -> List[Dict[str, Any]]:
+           repeats: int, use_fused: bool = False) -> List[Dict[str, Any]]:
+    from . import fused
+    from .conv import INFERENCE_FORMS
     from .deploy import deploy_
     from .report import capture_layer_inputs, dense_equivalent, measure_latency, time_call
 
+    if use_fused and not fused.available():
+        raise CLIError(f"--fused: the fused kernel could not be built ({fused.build_error()})")
     layers = _kse_layers(model)
     baseline = dense_equivalent(model).eval()
     assert not _kse_layers(baseline), "dense_equivalent left a KSE layer"
@@ -987,12 +991,18 @@ def _bench(model: torch.nn.Module, input_size: tuple, batch_sizes: List[int], wa
             t_dense = time_call(m, inputs[name], warmup, repeats)["median_ms"]
             m.set_form("split")
             t_split = time_call(m, inputs[name], warmup, repeats)["median_ms"]
+            times = {"dense": t_dense, "split": t_split}
+            if use_fused and fused.supports(m):
+                m.set_form("fused")
+                times["fused"] = time_call(m, inputs[name], warmup, repeats)["median_ms"]
             rows.append({"name": name, "in_channels": m.in_channels, "out_channels": m.out_channels,
                          "kept": len(m.kept_channels), "centroids": len(m.centroids), "conv_ms": t_conv,
-                         "dense_ms": t_dense, "split_ms": t_split, "dense_speedup": t_conv / t_dense,
-                         "split_speedup": t_conv / t_split, "best": "dense" if t_dense <= t_split else "split"})
+                         "dense_ms": t_dense, "split_ms": t_split, "fused_ms": times.get("fused"),
+                         "dense_speedup": t_conv / t_dense, "split_speedup": t_conv / t_split,
+                         "best": min(times, key=times.get)})
         _stage("bench", f"batch {b}: timing the whole model")
-        forms = deploy_(model, form="auto", input_size=input_size, batch_size=b)
+        forms = deploy_(model, form="auto", input_size=input_size, batch_size=b,
+                        candidates=INFERENCE_FORMS + (("fused",) if use_fused else ()))
         dense_t = measure_latency(baseline, input_size, b, warmup, repeats)
         kse_t = measure_latency(model, input_size, b, warmup, repeats)
         results.append({"batch_size": b, "layers": rows, "model": {
@@ -1015,7 +1025,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(f"{path} has no KSE layers; compress it first with `kse compress`")
     input_size = _input_size(model, path)
     _busy_note("bench")
-    results = _bench(model, input_size, list(dict.fromkeys(args.batch_size)), args.warmup, args.repeats)
+    results = _bench(model, input_size, list(dict.fromkeys(args.batch_size)), args.warmup, args.repeats,
+                     args.fused)
     report = {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "input_size": list(input_size),
               "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}
     if args.json:
@@ -1023,10 +1034,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     for res in results:
         print(f"batch {res['batch_size']} (CPU, {report['threads']} threads, median of {args.repeats} runs, ms):")
-        print(text_table(["layer", "C_in", "N", "kept", "centroids", "conv", "dense", "split", "conv/dense",
-                          "conv/split", "best"],
+        fused_col = ["fused"] if args.fused else []
+        print(text_table(["layer", "C_in", "N", "kept", "centroids", "conv", "dense", "split", *fused_col,
+                          "conv/dense", "conv/split", "best"],
                          [[r["name"], r["in_channels"], r["out_channels"], r["kept"], r["centroids"],
                            f"{r['conv_ms']:.3f}", f"{r['dense_ms']:.3f}", f"{r['split_ms']:.3f}",
+                           *([f"{r['fused_ms']:.3f}" if r["fused_ms"] is not None else "-"] if args.fused else []),
                            f"{r['dense_speedup']:.2f}x", f"{r['split_speedup']:.2f}x", r["best"]]
                           for r in res["layers"]]))
         mod = res["model"]
@@ -1048,7 +1061,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.set_defaults(func=cmd_bench, _defaults=dict(batch_size=[1, 64], json=False, repeats=20, warmup=3))
+    p.add_argument("--fused", action="store_true", default=None,
+                   help="also time the compiled fused kernel (kse.fused; built on first use, needs a C++ compiler)")
+    p.set_defaults(func=cmd_bench, _defaults=dict(batch_size=[1, 64], json=False, repeats=20, warmup=3, fused=False))
 
 
 # ----------------------------------------------------------------------------- demo

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from .kmeans import batched_kmeans, draw_seeds
 
-FORMS = ("train", "dense", "full", "split")
-INFERENCE_FORMS = ("dense", "full", "split")
+FORMS = ("train", "dense", "full", "split", "fused")
+INFERENCE_FORMS = ("dense", "full", "split")  # what deploy_(form="auto") measures by default
 
 
 def centroid_offsets(counts: Tensor) -> Tensor:
@@ -260,6 +260,13 @@ class KSEConv2d(nn.Module):
         self._refresh()
         if self.form == "split":
             return self._forward_split(x)
+        if self.form == "fused":
+            from . import fused
+
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                return fused.fused_conv(x, self._deploy, self.kernel_size, self.padding)
+            inputs, weight = self._select(x), self.clustered_weight().to(x.dtype)  # another device / dtype
+            return F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation)
         inputs = x if self.form == "full" else self._select(x)
         return F.conv2d(inputs, self._deploy["weight"], self.bias, self.stride, self.padding, self.dilation)
 
@@ -279,9 +286,19 @@ class KSEConv2d(nn.Module):
 
     # ------------------------------------------------------------------ deployment
     def set_form(self, form: str) -> "KSEConv2d":
-        """Switch to ``"train"`` or an inference form (``"dense"``, ``"full"``, ``"split"``)."""
+        """Switch to ``"train"`` or an inference form (``"dense"``, ``"full"``, ``"split"``,
+        ``"fused"``: the compiled CPU kernel of :mod:`kse.fused`, stride-1 float32 layers)."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if form == "fused":
+            from . import fused
+
+            if not fused.supports(self):
+                raise ValueError("the fused form needs stride 1, dilation 1, float32 centroids and a kept channel; "
+                                 f"this layer has stride {tuple(self.stride)}, dilation {tuple(self.dilation)}, "
+                                 f"{self.centroids.dtype}")
+            if not fused.available():
+                raise ValueError(f"the fused KSE kernel could not be built ({fused.build_error()})")
         self._deploy = {}
         self.form = form
         if form == "train":
@@ -292,6 +309,10 @@ class KSEConv2d(nn.Module):
                 self._deploy["weight"] = self.clustered_weight().contiguous()
             elif form == "full":
                 self._deploy["weight"] = self.to_conv().weight.detach()
+            elif form == "fused":
+                from . import fused
+
+                self._deploy.update(fused.prepare(self))
             else:
                 self._deploy.update(self._split_tensors())
         return self

@@ -6,6 +6,8 @@ Forms of a :class:`~kse.conv.KSEConv2d` (outputs equal the training form within 
   dense convolution over the kept input channels (oneDNN / cuDNN do the work);
 * ``"full"``: the same weight zero-filled over all input channels (no gather of the input, the
   cost of the original conv: the safe choice where the gather costs more than it saves);
+* ``"fused"``: the same computation as ``"split"`` in one compiled CPU kernel (:mod:`kse.fused`),
+  considered by ``"auto"`` only when asked for (``candidates``);
 * ``"split"``: the paper's deployment (KSE.md §7, Fig. 2): each kept input map is convolved
   with its q_c centroids (a grouped convolution per centroid-count bucket), then the output
   channels are fused by summing the maps of their assigned centroids.
@@ -35,25 +37,42 @@ from .timing import time_call
 
 
 def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
-            batch_size: int = 1, repeats: int = 5) -> Dict[str, str]:
+            batch_size: int = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS) -> Dict[str, str]:
     """Switch every KSE layer of ``model`` to an inference form, in place.
 
     Args:
-        form: ``"auto"`` (measure), ``"dense"``, ``"full"``, ``"split"``, or ``"train"`` (undo).
+        form: ``"auto"`` (measure), ``"dense"``, ``"full"``, ``"split"``, ``"fused"`` (layers the
+            kernel does not support get ``"dense"``), or ``"train"`` (undo).
         input_size: ``(C, H, W)`` for the measuring pass (default: the model's preprocessing).
         batch_size: batch used when measuring.
+        candidates: the forms ``"auto"`` measures; add ``"fused"`` to include the compiled
+            kernel (built on first use; layers it does not support skip it).
     Returns:
         ``{layer name: chosen form}``.
     """
     if form not in FORMS + ("auto",):
         raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
+    bad = [f for f in candidates if f not in FORMS or f == "train"]
+    if bad or not candidates:
+        raise ValueError(f"candidates must be inference forms from {FORMS[1:]}, got {list(candidates)!r}")
+    if "fused" in candidates:
+        from . import fused
+
+        use_fused = fused.available()  # built once here, not inside the timing loop
     layers = {n: m for n, m in model.named_modules() if isinstance(m, KSEConv2d)}
     if not layers:
         raise ValueError("the model has no KSE layer to deploy; run kse.compress_ first")
     if form != "auto":
-        for m in layers.values():
-            m.set_form(form)
-        return {n: form for n in layers}
+        chosen = {}
+        for n, m in layers.items():
+            if form == "fused":
+                from . import fused
+
+                if not fused.supports(m):  # e.g. stride 2: the kernel does not apply
+                    chosen[n] = m.set_form("dense").form
+                    continue
+            chosen[n] = m.set_form(form).form
+        return chosen
 
     if input_size is None:
         pre = getattr(model, "kse_preprocess", None) or {}
@@ -75,7 +94,9 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
                                  "pass the input_size the model expects, or deploy them with an explicit form")
             for name, m in layers.items():
                 timings = {}
-                for f in INFERENCE_FORMS:
+                for f in candidates:
+                    if f == "fused" and not (use_fused and fused.supports(m)):
+                        continue
                     m.set_form(f)
                     timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
                 chosen[name] = min(timings, key=timings.get)

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -234,7 +235,13 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
         raise CheckpointError(f"{path}: tensors do not match the architecture ({str(exc).splitlines()[0]})") from None
     for name, spec in meta["modules"].items():
         if spec["type"] == "KSEConv2d":
-            model.get_submodule(name).set_form(spec.get("form", "train"))
+            layer, form = model.get_submodule(name), spec.get("form", "train")
+            try:
+                layer.set_form(form)
+            except ValueError as exc:  # e.g. the fused kernel cannot be built on this machine
+                warnings.warn(f"layer {name!r}: saved form {form!r} unavailable here ({exc}); using 'dense'",
+                              RuntimeWarning)
+                layer.set_form("dense")
     model.kse_arch = arch
     model.kse_config = meta.get("kse_config")
     model.kse_preprocess = meta.get("preprocess")

@@ -1,0 +1,95 @@
+"""The fused centroid-conv + fusion CPU kernel: equal to the training form, chosen only when asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kse
+from kse import fused
+from kse.conv import KSEConv2d
+from kse.models import get_model
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not built: {fused.build_error()}")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("C,N,k,p,H,W,B,bias", [
+    (6, 8, 3, 1, 7, 9, 2, True), (16, 16, 3, 1, 28, 28, 3, False), (5, 7, 1, 0, 5, 5, 2, True),
+    (4, 6, (3, 2), (1, 0), 6, 5, 1, True), (8, 8, 3, 0, 9, 9, 2, False), (3, 5, 5, 2, 4, 11, 1, True),
+    (64, 64, 3, 1, 7, 7, 4, False)])
+def test_fused_equals_training_form(C, N, k, p, H, W, B, bias):
+    g = torch.Generator().manual_seed(C * 31 + H)
+    conv = nn.Conv2d(C, N, k, 1, p, bias=bias)
+    counts = torch.randint(0, N + 1, (C,), generator=g)
+    counts[-1] = max(1, int(counts[-1]))
+    layer = KSEConv2d.from_conv(conv, counts).eval()
+    x = torch.randn(B, C, H, W, generator=g)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.set_form("fused")
+        got = layer(x)
+        got_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(got_cl, got)
+
+
+def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():
+    layer = KSEConv2d.from_conv(nn.Conv2d(4, 4, 3, stride=2), torch.tensor([2, 4, 1, 0]))
+    with pytest.raises(ValueError, match="stride 1"):
+        layer.set_form("fused")
+    layer = KSEConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), torch.tensor([2, 4, 1, 0])).eval()
+    layer.set_form("fused")
+    with torch.no_grad():
+        layer.centroids.mul_(2)  # the cached kernel inputs are rebuilt after an in-place update
+        x = torch.randn(1, 4, 6, 6)
+        got = layer(x)
+        layer.set_form("train")
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
+    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
+                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    assert "fused" not in kse.deploy_(net, form="auto", input_size=(1, 16, 16), repeats=1).values()
+    forced = kse.deploy_(net, form="fused")
+    strided = {n for n, m in net.named_modules() if isinstance(m, KSEConv2d) and m.stride != (1, 1)}
+    assert strided and {n for n, f in forced.items() if f == "dense"} == strided
+    assert {f for n, f in forced.items() if n not in strided} == {"fused"}
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="candidates must be inference forms"):
+        kse.deploy_(net, form="auto", input_size=(1, 16, 16), candidates=["train"])
+    chosen = kse.deploy_(net, form="auto", input_size=(1, 16, 16), repeats=1, candidates=["dense", "fused"])
+    assert all(chosen[n] == "dense" for n in strided)  # stride 2: the kernel does not apply
+    kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 16, 16]})
+    loaded = kse.load(tmp_path / "net.kse").eval()
+    assert {n: m.form for n, m in loaded.named_modules() if isinstance(m, KSEConv2d)} == chosen
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kse_bench_fused_column(tmp_path):
+    from clitools import ok
+
+    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
+                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 16, 16]})
+    out, _ = ok(["bench", "--checkpoint", tmp_path / "net.kse", "--batch-size", 2, "--repeats", 1, "--warmup", 0,
+                 "--fused", "--json"])
+    import json
+
+    rows = json.loads(out)["results"][0]["layers"]
+    assert all((r["fused_ms"] is None) == (r["name"].endswith("conv1") and ".0." in r["name"] and
+                                            not r["name"].startswith("layer1")) for r in rows)
