@@ -7,7 +7,7 @@ machine noise hits them alike). Prints JSON, and writes results.json, results.md
 accuracy-vs-MACs plot into OUT.
 
     python experiments/collect.py --base checkpoints/resnet56-fmnist.kse --base-metrics \\
-        checkpoints/resnet56-fmnist/metrics.jsonl --out runs/exp
+        checkpoints/resnet56-fmnist/stage2-metrics.jsonl --out runs/exp
 """
 
 from __future__ import annotations
