@@ -163,3 +163,15 @@ def test_malformed_checkpoint_structure(tmp_path):
     save_file(missing, str(tmp_path / "bad2.kse"), metadata={"kse": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="packed indices of layer 'layer1.0.conv2' are missing"):
         kse.load(tmp_path / "bad2.kse")
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        kse.save(get_model("resnet20", num_classes=3, in_channels=1), tmp_path / "m.kse")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.kse").stat().st_mode) == 0o644  # not mkstemp's 0600

@@ -21,9 +21,11 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file: set the usual
+        # permissions once it is written
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
