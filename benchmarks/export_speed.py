@@ -1,7 +1,7 @@
 """Latency of exported models: a dense baseline against its compressed version, as ONNX
 (onnxruntime, CPU) and TorchScript, at batch 1 and 64, in interleaved rounds of one run.
-The compressed model is exported in its deployed form (``kse.deploy_(form="auto")``), as
-``kse export`` does; outputs are checked against PyTorch (1e-4 relative) first.
+The compressed model is exported in the form ``kse export`` uses by default (``--form full``;
+``auto`` measures per layer in PyTorch); outputs are checked against PyTorch (1e-4 relative) first.
 
     python benchmarks/export_speed.py --dense checkpoints/resnet56-fmnist.kse \\
         --compressed checkpoints/resnet56-fmnist-g4.kse [--threads 2]
@@ -69,12 +69,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--form", default="full", choices=["full", "dense", "auto"],
+                    help="KSE layer form to export (default full, as kse export does)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"dense": kse.load(args.dense).eval(), "compressed": kse.load(args.compressed).eval()}
     size = tuple(models["dense"].kse_preprocess["input_size"])
-    forms = deploy_(models["compressed"], form="auto", input_size=size)
+    forms = deploy_(models["compressed"], form=args.form, input_size=size, batch_size=(1, 8))
     result = {"benchmark": "export_speed", "dense": args.dense, "compressed": args.compressed,
               "forms": {f: list(forms.values()).count(f) for f in sorted(set(forms.values()))}}
     with tempfile.TemporaryDirectory() as tmp:

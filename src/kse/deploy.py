@@ -26,7 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -37,14 +37,15 @@ from .timing import time_call
 
 
 def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
-            batch_size: int = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS) -> Dict[str, str]:
+            batch_size: Union[int, Sequence[int]] = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS) -> Dict[str, str]:
     """Switch every KSE layer of ``model`` to an inference form, in place.
 
     Args:
         form: ``"auto"`` (measure), ``"dense"``, ``"full"``, ``"split"``, ``"fused"`` (layers the
             kernel does not support get ``"dense"``), or ``"train"`` (undo).
         input_size: ``(C, H, W)`` for the measuring pass (default: the model's preprocessing).
-        batch_size: batch used when measuring.
+        batch_size: batch size used when measuring, or several: each layer then gets the form
+            with the smallest sum over them of its time relative to the best form at that size.
         candidates: the forms ``"auto"`` measures; add ``"fused"`` to include the compiled
             kernel (built on first use; layers it does not support skip it).
     Returns:
@@ -80,27 +81,40 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
             raise ValueError("deploy_(form='auto') needs input_size=(C, H, W) to measure the layers")
         input_size = pre["input_size"]
     p = next(model.parameters())
+    batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+    if not batches or not all(isinstance(b, int) and b >= 1 for b in batches):
+        raise ValueError(f"batch_size must be a positive integer or a sequence of them, got {batch_size!r}")
     forms = {n: m.form for n, m in layers.items()}
     chosen = {}
+    # per layer and form, the time relative to the layer's best form, summed over the batch sizes:
+    # the choice that is never far from the best at any of them (a gather that pays at batch 1
+    # can cost more than it saves at batch 64)
+    scores: Dict[str, Dict[str, float]] = {n: {} for n in layers}
     try:
-        for m in layers.values():
-            m.set_form("dense")
-        x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-        inputs = capture_layer_inputs(model, list(layers), x)
-        with eval_mode(model), torch.no_grad():
-            missing = [n for n in layers if n not in inputs]
-            if missing:
-                raise ValueError(f"KSE layers {missing} did not run on an input of size {tuple(input_size)}; "
-                                 "pass the input_size the model expects, or deploy them with an explicit form")
-            for name, m in layers.items():
-                timings = {}
-                for f in candidates:
-                    if f == "fused" and not (use_fused and fused.supports(m)):
-                        continue
-                    m.set_form(f)
-                    timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
-                chosen[name] = min(timings, key=timings.get)
-                m.set_form(chosen[name])
+        for b in batches:
+            for m in layers.values():
+                m.set_form("dense")
+            x = torch.randn(b, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+            inputs = capture_layer_inputs(model, list(layers), x)
+            with eval_mode(model), torch.no_grad():
+                missing = [n for n in layers if n not in inputs]
+                if missing:
+                    raise ValueError(f"KSE layers {missing} did not run on an input of size {tuple(input_size)}; "
+                                     "pass the input_size the model expects, or deploy them with an explicit form")
+                for name, m in layers.items():
+                    timings = {}
+                    for f in candidates:
+                        if f == "fused" and not (use_fused and fused.supports(m)):
+                            continue
+                        m.set_form(f)
+                        timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
+                    best = max(min(timings.values()), 1e-9)
+                    for f, t in timings.items():
+                        scores[name][f] = scores[name].get(f, 0.0) + t / best
+            del inputs
+        for name, m in layers.items():
+            chosen[name] = min(scores[name], key=scores[name].get)
+            m.set_form(chosen[name])
     except BaseException:
         for n, m in layers.items():
             m.set_form(forms[n])
