@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="a dense .kse baseline (default: random resnet56)")
     ap.add_argument("--G", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--channel-multiple", type=int, default=8, help="KSEConfig.channel_multiple (1: odd widths)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -55,7 +56,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         dense, size = get_model("resnet56", num_classes=10, in_channels=1), (1, 28, 28)
-    compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size))
+    compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size, channel_multiple=args.channel_multiple))
     models = {"dense": dense, f"kse_g{args.G}": compressed}
     for m in models.values():
         m.to(memory_format=torch.channels_last)
@@ -67,7 +68,7 @@ def main() -> None:
         for (name, amp) in samples:
             samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
-              "checkpoint": args.checkpoint, "G": args.G}
+              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple}
     for (name, amp), ts in samples.items():
         key = f"{name}_{'bf16' if amp else 'fp32'}"
         med = statistics.median(ts)
