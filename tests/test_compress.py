@@ -67,15 +67,11 @@ def test_depthwise_skipped_and_grouped_model():
     assert "features.0.0" not in {p.name for p in plans}  # the stem
 
 
-def test_dead_channels_really_removed_on_resnet56():
-    torch.manual_seed(0)
-    net = get_model("resnet56").eval()
-    x = torch.randn(3, 3, 32, 32)
-    cfg = dict(G=4, seed=3, input_size=(3, 32, 32))
-    kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
+def _removed_exactly_and_aligned(net, cfg, kept, x):
+    """Compress with every dead channel removed and with widths aligned to 8 (the default); both
+    give ``kept``'s outputs, and the aligned widths are the exact ones rounded up. Returns the former."""
     removed = kse.compress(net, kse.KSEConfig(**cfg, channel_multiple=1))
     torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
-    # widths kept at multiples of 8 (the default): fewer channels go, still exact
     aligned = kse.compress(net, kse.KSEConfig(**cfg))
     torch.testing.assert_close(outputs(aligned, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
     widths = [m.out_channels for m in aligned.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
@@ -83,6 +79,16 @@ def test_dead_channels_really_removed_on_resnet56():
     exact = [m.out_channels for m in removed.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
     assert any(w % 8 for w in exact)  # without alignment some widths are odd ...
     assert [w + (-w) % 8 for w in exact] == widths  # ... and the aligned ones are those rounded up
+    return removed
+
+
+def test_dead_channels_really_removed_on_resnet56():
+    torch.manual_seed(0)
+    net = get_model("resnet56").eval()
+    x = torch.randn(3, 3, 32, 32)
+    cfg = dict(G=4, seed=3, input_size=(3, 32, 32))
+    kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
+    removed = _removed_exactly_and_aligned(net, cfg, kept, x)
     # every block's conv1 lost the channels its conv2 dropped
     block = removed.layer2[3]
     assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
@@ -105,16 +111,7 @@ def test_dead_channel_removal_changes_no_output_torchvision(builder, size):
     x = torch.randn(2, 3, size, size)
     cfg = dict(G=5, T=1, seed=1, input_size=(3, size, size), kmeans_iters=10)
     kept = kse.compress(net, kse.KSEConfig(**cfg, remove_dead_channels=False))
-    removed = kse.compress(net, kse.KSEConfig(**cfg, channel_multiple=1))
-    torch.testing.assert_close(outputs(removed, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
-    # widths kept at multiples of 8 (the default): fewer channels go, still exact
-    aligned = kse.compress(net, kse.KSEConfig(**cfg))
-    torch.testing.assert_close(outputs(aligned, x), outputs(kept, x), rtol=1e-5, atol=1e-5)
-    widths = [m.out_channels for m in aligned.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
-    assert all(w % 8 == 0 for w in widths)
-    exact = [m.out_channels for m in removed.modules() if isinstance(m, (torch.nn.Conv2d, KSEConv2d))][1:]
-    assert any(w % 8 for w in exact)  # without alignment some widths are odd ...
-    assert [w + (-w) % 8 for w in exact] == widths  # ... and the aligned ones are those rounded up
+    removed = _removed_exactly_and_aligned(net, cfg, kept, x)
     n_kept = sum(p.numel() for p in kept.parameters())
     n_removed = sum(p.numel() for p in removed.parameters())
     if builder is torchvision.models.resnet50:

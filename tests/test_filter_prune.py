@@ -11,15 +11,11 @@ import kse
 from kse.filter_prune import l1_filter_norms, l1_prune_, prune_to_macs, select_prunable
 from kse.models import get_model
 
+from clitools import one_thread  # noqa: F401 (autouse: one torch thread for the module)
+
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _net(seed: int = 0) -> torch.nn.Module:

@@ -11,15 +11,11 @@ from kse import fused
 from kse.conv import KSEConv2d
 from kse.models import get_model
 
+from clitools import one_thread  # noqa: F401 (autouse: one torch thread for the module)
+
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not built: {fused.build_error()}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("C,N,k,p,H,W,B,bias", [
