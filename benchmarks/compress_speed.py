@@ -30,7 +30,7 @@ def official_layer(weight: torch.Tensor, counts: torch.Tensor, k: int = 5) -> No
     from sklearn.neighbors import NearestNeighbors
 
     N, C = weight.shape[:2]
-    w = weight.detach().numpy().reshape(N, C, -1).transpose(1, 0, 2)  # (C, N, D), the paper's layout
+    w = weight.detach().cpu().numpy().reshape(N, C, -1).transpose(1, 0, 2)  # (C, N, D), the paper's layout
     for c in range(C):
         nn_ = NearestNeighbors(n_neighbors=min(k, N - 1) + 1).fit(w[c])
         nn_.kneighbors(w[c])
@@ -51,21 +51,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4, help="layers compared against the official route")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the official route always runs on the CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
+    model = torchvision.models.resnet50().eval().to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     cfg = kse.KSEConfig(G=5, T=1, input_size=(3, 224, 224))
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     kse.compress_(model, cfg)
+    sync()
     whole = time.perf_counter() - t0
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     # the subset: evenly spaced layers of the original network
-    ref = torchvision.models.resnet50().eval()
+    ref = torchvision.models.resnet50().eval().to(args.device)
     names = [p.name for p in kse.plan(ref, cfg)]
     subset = [names[i] for i in np.linspace(0, len(names) - 1, args.layers).round().astype(int)]
     ours_t = official_t = 0.0
@@ -73,6 +76,7 @@ def main() -> None:
         w = ref.get_submodule(name).weight
         t = time.perf_counter()
         q = ours_layer(w, cfg)
+        sync()
         ours_t += time.perf_counter() - t
         t = time.perf_counter()
         official_layer(w, q, cfg.k)
@@ -87,8 +91,12 @@ def main() -> None:
         "subset_ours_s": round(ours_t, 3),
         "subset_official_s": round(official_t, 3),
         "speedup_vs_official": round(official_t / max(ours_t, 1e-9), 1),
+        "device": args.device,
+        "peak_gpu_memory_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                               if args.device.startswith("cuda") else None),
         "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+                   + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "torch": torch.__version__,
     }, indent=1))
 

@@ -57,8 +57,9 @@ def pruned_macs(model: nn.Module, input_size) -> int:
 
 
 def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int,
-                forms=("dense", "full", "split")) -> list:
+                forms=("dense", "full", "split"), device: str = "cpu", layer_table: bool = True) -> list:
     results = []
+    model = model.to(device)
     dense_macs = kse.profile(model, input_size).macs
     for setting in settings:
         small = kse.compress(model, kse.KSEConfig(**setting, input_size=tuple(input_size)))
@@ -66,11 +67,11 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
         pruned = copy.deepcopy(small)
         kse.deploy_(pruned, form="dense")
         paper = kse.profile(small, input_size).macs
-        chosen = kse.deploy_(small, form="auto", input_size=input_size, candidates=forms)
+        chosen = kse.deploy_(small, form="auto", input_size=input_size, candidates=forms, batch_size=batches)
         row = {"forms": {f: list(chosen.values()).count(f) for f in sorted(set(chosen.values()))},"model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
                "mac_ratio_paper": dense_macs / paper, "batches": {}}
         for b in batches:
-            x = torch.randn(b, *input_size)
+            x = torch.randn(b, *input_size, device=device)
             with torch.no_grad():
                 t_dense = time_call(model, x, 2, repeats)["median_ms"]
                 t_pruned = time_call(pruned, x, 2, repeats)["median_ms"]
@@ -80,9 +81,12 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
                                  "kse_ms": round(t_kse, 3), "latency_ratio": round(ratio, 3),
                                  "goal_no_slower": t_kse <= t_dense,
                                  "goal_pruned_ratio": ratio >= 0.9 * row["mac_ratio_pruned"]}
+        if not layer_table:
+            results.append(row)
+            continue
         # per layer, at the largest batch: dense original conv vs each KSE form
         names = [n for n, m in small.named_modules() if isinstance(m, KSEConv2d)]
-        inputs = capture_layer_inputs(small, names, torch.randn(batches[-1], *input_size))
+        inputs = capture_layer_inputs(small, names, torch.randn(batches[-1], *input_size, device=device))
         layers = []
         for n in names:
             layer = small.get_submodule(n)
@@ -118,12 +122,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fused", action="store_true", help="also measure the compiled fused kernel (kse.fused)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-layers", action="store_true", help="whole models only (skip the per-layer table)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {"benchmark": "latency", "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+           "results": []}
     for name in args.models:
         if args.checkpoint:
             model = kse.load(args.checkpoint)
@@ -132,7 +140,8 @@ def main() -> None:
             model = (torchvision.models.resnet50() if name == "resnet50" else get_model(name)).eval()
             size = INPUT[name]
         forms = ("dense", "full", "split") + (("fused",) if args.fused else ())
-        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms)
+        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms,
+                                   args.device, not args.no_layers)
     print(json.dumps(out, indent=1))
 
 

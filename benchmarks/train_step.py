@@ -24,16 +24,19 @@ from kse.models import get_model
 
 
 def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, steps: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
     times = []
     for _ in range(steps + 1):  # the first step warms up
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
 
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 autocast on both)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,16 +63,17 @@ def main() -> None:
     compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size, channel_multiple=args.channel_multiple))
     models = {"dense": dense, f"kse_g{args.G}": compressed}
     for m in models.values():
-        m.to(memory_format=torch.channels_last)
+        m.to(device=args.device, memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, *size, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
     samples = {(name, amp): [] for name in models for amp in (False, True)}
     for _ in range(args.rounds):
         for (name, amp) in samples:
             samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
-              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple}
+              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device}
     for (name, amp), ts in samples.items():
         key = f"{name}_{'bf16' if amp else 'fp32'}"
         med = statistics.median(ts)
@@ -79,6 +84,7 @@ def main() -> None:
             result[f"kse_g{args.G}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
     result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
     result.update(torch_threads=torch.get_num_threads(), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                  device_name=torch.cuda.get_device_name() if x.is_cuda else platform.processor(),
                   torch=torch.__version__)
     print(json.dumps(result, indent=1))
 
