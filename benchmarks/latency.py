@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,17 @@ def pruned_macs(model: nn.Module, input_size) -> int:
     return total
 
 
+def interleaved(models, x, repeats: int, rounds: int = 5) -> list:
+    """Median time (ms) of each model: the median over ``rounds`` interleaved rounds of the
+    median of ``repeats // rounds`` runs (clock and load drift hit every model alike)."""
+    per_round = [[] for _ in models]
+    with torch.no_grad():
+        for _ in range(rounds):
+            for times, m in zip(per_round, models):
+                times.append(time_call(m, x, 2, max(repeats // rounds, 1))["median_ms"])
+    return [statistics.median(t) for t in per_round]
+
+
 def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int,
                 forms=("dense", "full", "split"), device: str = "cpu", layer_table: bool = True) -> list:
     results = []
@@ -72,10 +84,7 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
                "mac_ratio_paper": dense_macs / paper, "batches": {}}
         for b in batches:
             x = torch.randn(b, *input_size, device=device)
-            with torch.no_grad():
-                t_dense = time_call(model, x, 2, repeats)["median_ms"]
-                t_pruned = time_call(pruned, x, 2, repeats)["median_ms"]
-                t_kse = time_call(small, x, 2, repeats)["median_ms"]
+            t_dense, t_pruned, t_kse = interleaved((model, pruned, small), x, repeats)
             ratio = t_dense / t_kse
             row["batches"][b] = {"dense_ms": round(t_dense, 3), "pruned_ms": round(t_pruned, 3),
                                  "kse_ms": round(t_kse, 3), "latency_ratio": round(ratio, 3),

@@ -14,12 +14,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import kse
+import kse.conv
 from kse.models import get_model
 
 
@@ -41,6 +43,20 @@ def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: boo
     return statistics.median(times[1:])
 
 
+def profile_steps(models: dict, x: torch.Tensor, y: torch.Tensor, rows: int = 12) -> None:
+    """Print the operators that take the most time in two steps of each model (stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    for name, model in models.items():
+        step_time(model, x, y, False, 1)  # warm
+        with profile(activities=acts) as prof:
+            step_time(model, x, y, False, 2)
+        print(f"== {name}: top operators by {key}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="a dense .kse baseline (default: random resnet56)")
@@ -51,9 +67,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 autocast on both)")
+    ap.add_argument("--profile", action="store_true", help="also print each model's top operators (torch.profiler) to stderr")
+    ap.add_argument("--select-max-kept", type=float, default=None,
+                    help="override kse.conv._TRAIN_SELECT_MAX_KEPT (fraction of kept channels above which training "
+                         "convolves all channels with zero kernels instead of gathering the kept ones)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.select_max_kept is not None:
+        kse.conv._TRAIN_SELECT_MAX_KEPT = args.select_max_kept
     if args.checkpoint:
         dense = kse.load(args.checkpoint)
         size = tuple(dense.kse_preprocess["input_size"])
@@ -72,8 +94,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for (name, amp) in samples:
             samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
+    if args.profile:
+        profile_steps(models, x, y)
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
-              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device}
+              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
+              "select_max_kept": kse.conv._TRAIN_SELECT_MAX_KEPT}
     for (name, amp), ts in samples.items():
         key = f"{name}_{'bf16' if amp else 'fp32'}"
         med = statistics.median(ts)
