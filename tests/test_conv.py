@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kse.conv import KSEConv2d, cluster_kernels, cluster_many
+from kse.conv import KSEConv2d, _GatherRows, cluster_kernels, cluster_many
 
 
 def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
@@ -184,3 +184,26 @@ def test_cluster_many_gives_each_layer_what_it_gets_alone():
         alone = cluster_kernels(w, c, torch.Generator().manual_seed(10 + i), n_init=2)
         for a, b in zip(together[i], alone):
             assert torch.equal(a, b)
+
+
+def test_gather_rows_gradient_and_zero_row():
+    rows = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 5, 2, 2, 4, 5, 1])  # 5: the zero row
+    out = _GatherRows.apply(rows, index)
+    assert torch.equal(out[[1, 5]], torch.zeros(2, 3, dtype=torch.float64))
+    assert torch.equal(out[[0, 2, 3, 4, 6]], rows.detach()[[0, 2, 2, 4, 1]])
+    assert torch.autograd.gradcheck(lambda r: _GatherRows.apply(r, index), (rows,))
+
+
+@pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])  # the zero-kernel and the gather path
+def test_training_weight_follows_a_new_assignment(counts):
+    _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
+    layer.train()
+    x = torch.randn(2, 4, 5, 5)
+    before = layer(x)
+    other = layer.assignment.clone()
+    other[-1] = other[-1].roll(1)  # the last kept channel (q = 6) permutes its kernels
+    layer.load_state_dict({**layer.state_dict(), "assignment": other})
+    after = layer(x)
+    torch.testing.assert_close(after, reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)

@@ -45,6 +45,43 @@ FORMS = ("train", "dense", "full", "split", "fused")
 INFERENCE_FORMS = ("dense", "full", "split")  # what deploy_(form="auto") measures by default
 
 
+def parse_form(form: str) -> List[Tuple[int, str]]:
+    """``"dense"`` -> ``[(1, "dense")]``; ``"fused@1,full@64"`` -> ``[(1, "fused"), (64, "full")]``
+    (a form per batch size: inference forms, batch sizes increasing)."""
+    if not isinstance(form, str):
+        raise ValueError(f"form must be a string, got {type(form).__name__}")
+    if "@" not in form:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS} or per batch size like 'fused@1,full@64', got {form!r}")
+        return [(1, form)]
+    entries = []
+    for part in form.split(","):
+        name, _, size = part.strip().partition("@")
+        if name not in FORMS or name == "train" or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"form {form!r}: each part must be an inference form {FORMS[1:]} and a batch size, "
+                             f"like 'fused@1,full@64'; got {part!r}")
+        entries.append((int(size), name))
+    if any(b1 <= b0 for (b0, _), (b1, _) in zip(entries, entries[1:])):
+        raise ValueError(f"form {form!r}: batch sizes must increase")
+    return entries
+
+
+def without_fused(form: str) -> str:
+    """``form`` with the compiled kernel replaced by the dense form (``"dense"`` if unreadable)."""
+    try:
+        return batch_form([(b, "dense" if f == "fused" else f) for b, f in parse_form(form)])
+    except ValueError:
+        return "dense"
+
+
+def batch_form(choices: Sequence[Tuple[int, str]]) -> str:
+    """The form string for ``[(batch, form), ...]``: one form if all agree, else a form per size."""
+    choices = sorted(choices)
+    if len({f for _, f in choices}) == 1:
+        return choices[0][1]
+    return ",".join(f"{f}@{b}" for b, f in choices)
+
+
 def centroid_offsets(counts: Tensor) -> Tensor:
     """First centroid row of each kept channel: the exclusive prefix sum of ``counts``."""
     offsets = torch.zeros_like(counts)
@@ -134,6 +171,28 @@ def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]
 _TRAIN_SELECT_MAX_KEPT = 2 / 3
 
 
+class _GatherRows(torch.autograd.Function):
+    """``out = cat([rows, 0])[index]`` as one autograd node (row ``len(rows)`` reads zeros).
+
+    The training form builds W' from the centroids every step; as stock ops (index_select,
+    view, zero fill, index_copy) that is four autograd nodes and seven kernels per layer, which
+    dominate a training step when it is bound by dispatch (small inputs, fast GPUs). Backward:
+    ``grad_rows = index_add(zeros, index, grad_out)`` without the zero row (KSE.md §6: the
+    gradient of a centroid is the sum of the gradients of its kernels)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_rows = rows.shape[0]
+        return F.pad(rows, (0, 0, 0, 1)).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.n_rows + 1, grad.shape[1]).index_add_(0, index, grad)
+        return out[:ctx.n_rows], None
+
+
 class KSEConv2d(nn.Module):
     """2D convolution with KSE-clustered kernels and skipped input channels.
 
@@ -166,6 +225,7 @@ class KSEConv2d(nn.Module):
         self.register_buffer("centroid_counts", centroid_counts)
         self.register_buffer("assignment", torch.zeros(len(kept), out_channels, dtype=torch.long))
         self.form = "train"
+        self._batch_forms: List[Tuple[int, str]] = [(1, "train")]
         self._deploy: dict = {}
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
 
@@ -228,6 +288,22 @@ class KSEConv2d(nn.Module):
         rows = self.centroids.reshape(-1, kh * kw).index_select(0, self.assignment.t().reshape(-1))
         return rows.view(N, K, kh, kw)
 
+    def _train_index(self, full: bool) -> Tensor:
+        """Row of ``centroids`` (or ``M``, a zero row) for every kernel of W', output-major:
+        ``[N * C_kept]`` or, with ``full``, ``[N * C_in]``. Cached until the assignment changes."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.assignment, self.kept_channels)) + (
+            full, self.assignment.device, len(self.centroids))
+        cache = self.__dict__.get("_index_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        index = self.assignment.t()
+        if full:
+            index = torch.full((self.out_channels, self.in_channels), len(self.centroids), dtype=torch.long,
+                               device=index.device).index_copy_(1, self.kept_channels, index)
+        index = index.reshape(-1).contiguous()
+        self.__dict__["_index_cache"] = (key, index)
+        return index
+
     @property
     def all_kept(self) -> bool:
         return len(self.kept_channels) == self.in_channels
@@ -248,31 +324,42 @@ class KSEConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.form == "train" or (self.training and torch.is_grad_enabled()):
-            # training always rebuilds W' from the centroids, whatever the inference form
-            weight = self.clustered_weight()
-            if len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels and not self.all_kept:
-                # few channels dropped: gathering the input (and scattering its gradient) costs
-                # more than it saves; convolve all channels with zero kernels for the dropped ones
-                weight = weight.new_zeros(weight.shape[0], self.in_channels, *weight.shape[2:]).index_copy(
-                    1, self.kept_channels, weight)
-                return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
-            return F.conv2d(self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+            # training always rebuilds W' from the centroids (one autograd node), whatever the
+            # inference form. With few channels dropped, gathering the input (and scattering its
+            # gradient) costs more than it saves: all channels are convolved, dropped ones with
+            # zero kernels
+            full = len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels
+            index = self._train_index(full)
+            kh, kw = self.kernel_size
+            weight = _GatherRows.apply(self.centroids.reshape(-1, kh * kw), index)
+            weight = weight.view(self.out_channels, -1, kh, kw)
+            return F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding,
+                            self.dilation)
         self._refresh()
-        if self.form == "split":
-            return self._forward_split(x)
-        if self.form == "fused":
+        form = self._batch_forms[0][1] if len(self._batch_forms) == 1 else self._form_for_batch(x.shape[0])
+        d = self._deploy[form]
+        if form == "split":
+            return self._forward_split(x, d)
+        if form == "fused":
             from . import fused
 
             if x.device.type == "cpu" and x.dtype == torch.float32:
-                return fused.fused_conv(x, self._deploy, self.kernel_size, self.padding)
+                return fused.fused_conv(x, d, self.kernel_size, self.padding)
             inputs, weight = self._select(x), self.clustered_weight().to(x.dtype)  # another device / dtype
             return F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation)
-        inputs = x if self.form == "full" else self._select(x)
-        return F.conv2d(inputs, self._deploy["weight"], self.bias, self.stride, self.padding, self.dilation)
+        inputs = x if form == "full" else self._select(x)
+        return F.conv2d(inputs, d["weight"], self.bias, self.stride, self.padding, self.dilation)
 
-    def _forward_split(self, x: Tensor) -> Tensor:
+    def _form_for_batch(self, batch: int) -> str:
+        """The form measured at the batch size nearest to ``batch`` (geometrically)."""
+        sizes = self._batch_forms
+        for (b0, f0), (b1, _) in zip(sizes, sizes[1:]):
+            if batch * batch <= b0 * b1:
+                return f0
+        return sizes[-1][1]
+
+    def _forward_split(self, x: Tensor, d: dict) -> Tensor:
         """Paper Fig. 2: per-channel centroid convolution, then channel fusion by index."""
-        d = self._deploy
         xs = self._select(x)
         maps = []
         for chans, weight in zip(d["bucket_channels"], d["bucket_weights"]):
@@ -287,10 +374,12 @@ class KSEConv2d(nn.Module):
     # ------------------------------------------------------------------ deployment
     def set_form(self, form: str) -> "KSEConv2d":
         """Switch to ``"train"`` or an inference form (``"dense"``, ``"full"``, ``"split"``,
-        ``"fused"``: the compiled CPU kernel of :mod:`kse.fused`, stride-1 float32 layers)."""
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if form == "fused":
+        ``"fused"``: the compiled CPU kernel of :mod:`kse.fused`, stride-1 float32 layers), or
+        to a form per batch size, ``"fused@1,full@64"``: each input runs in the form given for
+        the listed batch size nearest to its own (geometrically: here batches 1-8 fused, 9 and
+        up full)."""
+        entries = parse_form(form)
+        if any(f == "fused" for _, f in entries):
             from . import fused
 
             if not fused.supports(self):
@@ -300,21 +389,22 @@ class KSEConv2d(nn.Module):
             if not fused.available():
                 raise ValueError(f"the fused KSE kernel could not be built ({fused.build_error()})")
         self._deploy = {}
-        self.form = form
+        self.form, self._batch_forms = form, entries
         if form == "train":
             return self
         self._deploy["version"] = self.centroids._version
         with torch.no_grad():
-            if form == "dense":
-                self._deploy["weight"] = self.clustered_weight().contiguous()
-            elif form == "full":
-                self._deploy["weight"] = self.to_conv().weight.detach()
-            elif form == "fused":
-                from . import fused
+            for f in dict.fromkeys(f for _, f in entries):
+                if f == "dense":
+                    self._deploy[f] = {"weight": self.clustered_weight().contiguous()}
+                elif f == "full":
+                    self._deploy[f] = {"weight": self.to_conv().weight.detach()}
+                elif f == "fused":
+                    from . import fused
 
-                self._deploy.update(fused.prepare(self))
-            else:
-                self._deploy.update(self._split_tensors())
+                    self._deploy[f] = fused.prepare(self)
+                else:
+                    self._deploy[f] = self._split_tensors()
         return self
 
     def _split_tensors(self) -> dict:
