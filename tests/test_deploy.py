@@ -62,6 +62,38 @@ def test_auto_deploy_over_several_batch_sizes(monkeypatch):
     monkeypatch.setattr(deploy_mod, "time_call",
                         lambda m, x, warmup, repeats: {"min_ms": fake[(m.form, x.shape[0])]})
     assert set(kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=1).values()) == {"dense"}
-    assert set(kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=(1, 8)).values()) == {"full"}
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=(1, 0))
+    assert set(kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=(1, 8),
+                           per_batch=False).values()) == {"full"}
+    # per batch size (the default): the best form at each size, and inputs dispatched by size
+    chosen = kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=(1, 8))
+    assert set(chosen.values()) == {"dense@1,full@8"}
+    layer = net.get_submodule(next(iter(chosen)))
+    assert [layer._form_for_batch(b) for b in (1, 2, 3, 4, 64)] == ["dense", "dense", "full", "full", "full"]
+    for bad in [(1, 0), (1, 1)]:
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=bad)
+
+
+def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch):
+    from kse.conv import KSEConv2d
+
+    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
+                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        kse.deploy_(net, form="split@1,dense@4")
+        used = []
+        real = KSEConv2d._forward_split
+        monkeypatch.setattr(KSEConv2d, "_forward_split", lambda self, x, d: used.append(len(x)) or real(self, x, d))
+        out_small, out_big = net(x[:2]), net(x)  # 2 <= sqrt(1 * 4): split; 6: dense
+    assert used and set(used) == {2}
+    torch.testing.assert_close(out_small, ref[:2], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(out_big, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    kse.save(net, tmp_path / "m.kse")
+    back = kse.load(tmp_path / "m.kse")
+    assert {m.form for m in back.modules() if isinstance(m, KSEConv2d)} == {"split@1,dense@4"}
+    for bad, msg in [("split@4,dense@1", "must increase"), ("dense@0", "each part"), ("train@1,dense@2", "each part"),
+                     ("quick", "form must be one of")]:
+        with pytest.raises(ValueError, match=msg):
+            kse.deploy_(net, form=bad)

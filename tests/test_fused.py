@@ -89,3 +89,23 @@ def test_kse_bench_fused_column(tmp_path):
     rows = json.loads(out)["results"][0]["layers"]
     assert all((r["fused_ms"] is None) == (r["name"].endswith("conv1") and ".0." in r["name"] and
                                             not r["name"].startswith("layer1")) for r in rows)
+
+
+def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeypatch):
+    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
+                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    forced = kse.deploy_(net, form="fused@1,full@8")
+    assert set(forced.values()) == {"fused@1,full@8", "dense@1,full@8"}  # stride 2 layers: no kernel
+    with torch.no_grad():
+        for b in (1, 5):  # 1: the kernel, 5: the zero-filled dense conv
+            torch.testing.assert_close(net(x[:b]), ref[:b], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    kse.save(net, tmp_path / "net.kse")
+    monkeypatch.setattr(fused, "available", lambda: False)  # a machine without a compiler
+    with pytest.warns(RuntimeWarning, match="unavailable here"):
+        loaded = kse.load(tmp_path / "net.kse")
+    assert {m.form for m in loaded.modules() if isinstance(m, KSEConv2d)} == {"dense@1,full@8"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

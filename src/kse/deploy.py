@@ -31,28 +31,32 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .conv import FORMS, INFERENCE_FORMS, KSEConv2d
+from .conv import FORMS, INFERENCE_FORMS, KSEConv2d, batch_form, parse_form, without_fused
 from .modules import capture_layer_inputs, eval_mode
 from .timing import time_call
 
 
 def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
-            batch_size: Union[int, Sequence[int]] = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS) -> Dict[str, str]:
+            batch_size: Union[int, Sequence[int]] = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS,
+            per_batch: bool = True) -> Dict[str, str]:
     """Switch every KSE layer of ``model`` to an inference form, in place.
 
     Args:
         form: ``"auto"`` (measure), ``"dense"``, ``"full"``, ``"split"``, ``"fused"`` (layers the
-            kernel does not support get ``"dense"``), or ``"train"`` (undo).
+            kernel does not support get ``"dense"``), a form per batch size such as
+            ``"fused@1,full@64"`` (see :meth:`KSEConv2d.set_form`), or ``"train"`` (undo).
         input_size: ``(C, H, W)`` for the measuring pass (default: the model's preprocessing).
-        batch_size: batch size used when measuring, or several: each layer then gets the form
-            with the smallest sum over them of its time relative to the best form at that size.
+        batch_size: batch size used when measuring, or several: each layer then gets the best
+            form at each of them (a form per batch size, ``"fused@1,full@64"``, when they differ;
+            inputs run in the form of the nearest measured size), or with ``per_batch=False``
+            the one form with the smallest sum over them of its time relative to the best.
         candidates: the forms ``"auto"`` measures; add ``"fused"`` to include the compiled
             kernel (built on first use; layers it does not support skip it).
     Returns:
         ``{layer name: chosen form}``.
     """
-    if form not in FORMS + ("auto",):
-        raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
+    if form != "auto":
+        parse_form(form)  # ValueError naming the accepted spellings
     bad = [f for f in candidates if f not in FORMS or f == "train"]
     if bad or not candidates:
         raise ValueError(f"candidates must be inference forms from {FORMS[1:]}, got {list(candidates)!r}")
@@ -66,11 +70,11 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
     if form != "auto":
         chosen = {}
         for n, m in layers.items():
-            if form == "fused":
+            if "fused" in form:
                 from . import fused
 
                 if not fused.supports(m):  # e.g. stride 2: the kernel does not apply
-                    chosen[n] = m.set_form("dense").form
+                    chosen[n] = m.set_form(without_fused(form)).form
                     continue
             chosen[n] = m.set_form(form).form
         return chosen
@@ -82,14 +86,15 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
         input_size = pre["input_size"]
     p = next(model.parameters())
     batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
-    if not batches or not all(isinstance(b, int) and b >= 1 for b in batches):
-        raise ValueError(f"batch_size must be a positive integer or a sequence of them, got {batch_size!r}")
+    if not batches or not all(isinstance(b, int) and b >= 1 for b in batches) or len(set(batches)) < len(batches):
+        raise ValueError(f"batch_size must be a positive integer or a sequence of distinct ones, got {batch_size!r}")
     forms = {n: m.form for n, m in layers.items()}
     chosen = {}
     # per layer and form, the time relative to the layer's best form, summed over the batch sizes:
     # the choice that is never far from the best at any of them (a gather that pays at batch 1
     # can cost more than it saves at batch 64)
     scores: Dict[str, Dict[str, float]] = {n: {} for n in layers}
+    best_at: Dict[str, list] = {n: [] for n in layers}  # (batch size, fastest form there)
     try:
         for b in batches:
             for m in layers.values():
@@ -108,12 +113,14 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
                             continue
                         m.set_form(f)
                         timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
+                    best_at[name].append((b, min(timings, key=timings.get)))
                     best = max(min(timings.values()), 1e-9)
                     for f, t in timings.items():
                         scores[name][f] = scores[name].get(f, 0.0) + t / best
             del inputs
         for name, m in layers.items():
-            chosen[name] = min(scores[name], key=scores[name].get)
+            chosen[name] = (batch_form(best_at[name]) if per_batch and len(batches) > 1
+                            else min(scores[name], key=scores[name].get))
             m.set_form(chosen[name])
     except BaseException:
         for n, m in layers.items():

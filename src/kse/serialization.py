@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
-from .conv import KSEConv2d, centroid_offsets
+from .conv import KSEConv2d, centroid_offsets, without_fused
 from .modules import set_module
 
 FORMAT = "kse"
@@ -239,9 +239,10 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
             try:
                 layer.set_form(form)
             except ValueError as exc:  # e.g. the fused kernel cannot be built on this machine
-                warnings.warn(f"layer {name!r}: saved form {form!r} unavailable here ({exc}); using 'dense'",
+                fallback = without_fused(form)
+                warnings.warn(f"layer {name!r}: saved form {form!r} unavailable here ({exc}); using {fallback!r}",
                               RuntimeWarning)
-                layer.set_form("dense")
+                layer.set_form(fallback)
     model.kse_arch = arch
     model.kse_config = meta.get("kse_config")
     model.kse_preprocess = meta.get("preprocess")
