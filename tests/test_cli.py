@@ -52,7 +52,8 @@ def finetuned(work, compressed):
 
 
 # ----------------------------------------------------------------------------- commands
-@pytest.mark.parametrize("command", ["models", "analyze", "compress", "finetune", "eval", "export", "bench", "demo"])
+@pytest.mark.parametrize("command", ["models", "analyze", "compress", "finetune", "eval", "export", "bench", "deploy",
+                                     "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -290,9 +291,30 @@ def test_compress_of_a_compressed_checkpoint(compressed, tmp_path):
     assert "already KSE-compressed" in line
 
 
-def test_bench_needs_kse_layers(baseline):
-    line = one_error_line(["bench", "--checkpoint", baseline])
+def test_deploy_records_measured_forms_in_the_file(work, compressed, monkeypatch):
+    import kse
+    import kse.deploy as deploy_mod
+    from kse.conv import KSEConv2d
+
+    # a fake clock: split is fastest at batch 1, full at batch 4 (the real choice depends on the machine)
+    fake = {("split", 1): 1.0, ("dense", 1): 2.0, ("full", 1): 3.0, ("split", 4): 9.0, ("dense", 4): 5.0, ("full", 4): 4.0}
+    monkeypatch.setattr(deploy_mod, "time_call", lambda m, x, warmup, repeats: {"min_ms": fake[(m.form, x.shape[0])]})
+    out_file = work / "deployed.kse"
+    out, _ = ok(["deploy", "--checkpoint", compressed[0], "--out", out_file, "--batch-size", 4, 1, "--repeats", 1])
+    assert "split@1,full@4 x" in out and f"wrote {out_file}" in out
+    monkeypatch.setattr(deploy_mod, "time_call", None)  # loading must not measure
+    model = kse.load(out_file)
+    assert {m.form for m in model.modules() if isinstance(m, KSEConv2d)} == {"split@1,full@4"}
+    assert "must differ from --checkpoint" in one_error_line(["deploy", "--checkpoint", compressed[0],
+                                                              "--out", compressed[0]])
+
+
+@pytest.mark.parametrize("command", ["bench", "deploy"])
+def test_bench_and_deploy_need_kse_layers(baseline, work, command):
+    out = ["--out", work / "never.kse"] if command == "deploy" else []
+    line = one_error_line([command, "--checkpoint", baseline, *out])
     assert line.endswith("has no KSE layers; compress it first with `kse compress`")
+    assert not (work / "never.kse").exists()
 
 
 def test_eval_with_a_dataset_that_does_not_fit_the_model(tmp_path):

@@ -791,8 +791,8 @@ def _add_finetune(sub) -> None:
 
 # ----------------------------------------------------------------------------- eval
 def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8)) -> Dict[str, str]:
-    """Put the KSE layers in their fastest CPU form (measured at batch 1 and 8 by default: a form
-    chosen at batch 1 alone can be slower at larger batches); ``{}`` for a dense model."""
+    """Put the KSE layers in their fastest CPU forms, measured at batch 1 and 8 by default (a form
+    per batch size where they differ); ``{}`` for a dense model."""
     from .deploy import deploy_
 
     if not _kse_layers(model):
@@ -1069,6 +1069,58 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench, _defaults=dict(batch_size=[1, 64], json=False, repeats=20, warmup=3, fused=False))
 
 
+# ----------------------------------------------------------------------------- deploy
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from . import fused
+    from .conv import INFERENCE_FORMS
+    from .deploy import deploy_
+    from .report import text_table
+    from .serialization import save
+
+    path = _checkpoint_path(args)
+    out = _output_file(args, path, "the deployed .kse file to write")
+    _set_threads(args.threads)
+    for b in args.batch_size:
+        _at_least("--batch-size", b, 1)
+    _at_least("--repeats", args.repeats, 1)
+    if args.fused and not fused.available():
+        raise CLIError(f"--fused: the fused kernel could not be built ({fused.build_error()}); drop --fused")
+    model = _load_model(path)
+    layers = _kse_layers(model)
+    if not layers:
+        raise CLIError(f"{path} has no KSE layers; compress it first with `kse compress`")
+    input_size = _input_size(model, path)
+    sizes = sorted(set(args.batch_size))
+    _busy_note("deploy")
+    _stage("deploy", f"timing every form of {len(layers)} KSE layers at batch {', '.join(map(str, sizes))} "
+                     f"(CPU, {torch.get_num_threads()} threads)")
+    forms = deploy_(model, form="auto", input_size=input_size, batch_size=sizes, repeats=args.repeats,
+                    candidates=INFERENCE_FORMS + (("fused",) if args.fused else ()))
+    save(model, out, preprocess=getattr(model, "kse_preprocess", None), extra=getattr(model, "kse_extra", None))
+    _save_args(args, out.parent, f"{out.stem}.args.json")
+    print(text_table(["layer", "form"], [[n, f] for n, f in forms.items()]))
+    print(f"forms: {', '.join(f'{f} x{c}' for f, c in _form_counts(forms).items())}")
+    print(f"wrote {out} (loading it keeps these forms; nothing is measured again)")
+    return 0
+
+
+def _add_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="choose each KSE layer's fastest CPU form by measuring, and save it",
+                       description="Time every KSE layer in each inference form (dense over the kept channels, "
+                                   "full, split, and with --fused the compiled kernel) at each --batch-size, give "
+                                   "each layer the fastest form at each size (a form per batch size, such as "
+                                   "fused@1,full@64, where they differ) and write a .kse file that keeps them.")
+    _config_file(p)
+    _common(p, "checkpoint", "out")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="batch sizes to measure at (default: 1 64); inputs run in the form of the nearest one")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per form and size (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--fused", action="store_true", default=None,
+                   help="also consider the compiled fused kernel (kse.fused; built on first use, needs a C++ compiler)")
+    p.set_defaults(func=cmd_deploy, _defaults=dict(batch_size=[1, 64], repeats=5, fused=False))
+
+
 # ----------------------------------------------------------------------------- demo
 DEMO_HOWTO = ("make it with `kse train --arch resnet56 --dataset fashion-mnist --out checkpoints/resnet56-fmnist` "
               "and copy checkpoints/resnet56-fmnist/model.kse to checkpoints/resnet56-fmnist.kse, or pass --checkpoint")
@@ -1292,7 +1344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kse", description="KSE: compress CNNs with kernel sparsity and entropy.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
-    for add in (_add_models, _add_analyze, _add_compress, _add_prune_l1, _add_finetune, _add_eval, _add_export, _add_bench,
+    for add in (_add_models, _add_analyze, _add_compress, _add_prune_l1, _add_finetune, _add_eval, _add_export, _add_bench, _add_deploy,
                 _add_demo):
         add(sub)
     return parser
