@@ -30,6 +30,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <vector>
 #include <cstring>
+#include <algorithm>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -70,18 +71,37 @@ static void tile_centroids(const float* xp, int64_t plane, int64_t t0, const int
   }
 }
 
+// channel fusion of one chunk of kept channels into the tile's outputs: NB outputs at a time,
+// so that 2 * NB independent accumulators hide the latency of the adds
+template <int NB>
+static inline void fuse_block(float* g, int64_t Tp, const int32_t* const* an, int c0, int c1, const float* R,
+                              const float* bias, bool first) {
+  v16 acc[NB][V];
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v)
+      acc[j][v] = first ? (v16){} + bias[j] : load(g + j * Tp + v * L);
+  for (int c = c0; c < c1; ++c)
+    for (int j = 0; j < NB; ++j) {
+      const float* r = R + (int64_t)an[j][c] * TL;
+      for (int v = 0; v < V; ++v) acc[j][v] += load(r + v * L);
+    }
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < V; ++v) store(g + j * Tp + v * L, acc[j][v]);
+}
+
 torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cents, torch::Tensor offsets,
-                         torch::Tensor assign, torch::Tensor bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
+                         torch::Tensor assign, torch::Tensor bias, torch::Tensor chunks,
+                         int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be float32 [B, C, H, W]");
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int K = kept.size(0), N = assign.size(0), Q = cents.size(0), kk = kh * kw;
+  const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - kh + 1, Wo = Wp - kw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "input smaller than the kernel");
   const int64_t T = Ho * Wp;                       // outputs on the padded-width grid
   const int64_t ntiles = (T + TL - 1) / TL, Tp = ntiles * TL;
   const int64_t plane = Tp + (kh - 1) * Wp + kw + TL;  // padded plane + slack read by the last tile
-  auto xp = torch::zeros({B, (int64_t)K, plane}, x.options());
+  auto xp = torch::empty({B, (int64_t)K, plane}, x.options());
   auto grid = torch::empty({B, (int64_t)N, Tp}, x.options());  // outputs on the padded-width grid
   const float* xs = x.data_ptr<float>();
   float* xps = xp.data_ptr<float>();
@@ -91,7 +111,13 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
       const int64_t b = bc / K, c = bc % K;
       const float* src = xs + (b * C + kp[c]) * H * W;
       float* dst = xps + bc * plane;
-      for (int64_t h = 0; h < H; ++h) std::memcpy(dst + (h + ph) * Wp + pw, src + h * W, W * sizeof(float));
+      std::memset(dst, 0, (ph * Wp) * sizeof(float));
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = dst + (h + ph) * Wp;
+        for (int64_t j = 0; j < pw; ++j) row[j] = row[pw + W + j] = 0.f;
+        std::memcpy(row + pw, src + h * W, W * sizeof(float));
+      }
+      std::memset(dst + (H + ph) * Wp, 0, (plane - (H + ph) * Wp) * sizeof(float));
     }
   });
   std::vector<int64_t> taps(kk);
@@ -99,27 +125,38 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   const float* cs = cents.data_ptr<float>();
   const int32_t* os = offsets.data_ptr<int32_t>();
   const int32_t* as = assign.data_ptr<int32_t>();
+  const int32_t* ch = chunks.data_ptr<int32_t>();
   const float* bs = bias.data_ptr<float>();
   float* gs = grid.data_ptr<float>();
+  int max_rows = 0;
+  for (int k = 0; k < nchunks; ++k) max_rows = std::max(max_rows, os[ch[k + 1]] - os[ch[k]]);
   at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Rbuf((int64_t)Q * TL + TL);
-    float* R = Rbuf.data();
+    std::vector<float> Rbuf((int64_t)max_rows * TL + TL);
+    std::vector<const int32_t*> rows(N);
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / ntiles, t0 = (bt % ntiles) * TL;
       const float* xb = xps + b * K * plane;
-      if (kk == 9) tile_centroids<9>(xb, plane, t0, taps.data(), K, os, cs, kk, R);
-      else if (kk == 1) tile_centroids<1>(xb, plane, t0, taps.data(), K, os, cs, kk, R);
-      else tile_centroids<0>(xb, plane, t0, taps.data(), K, os, cs, kk, R);
       float* gb = gs + b * N * Tp + t0;
-      for (int n = 0; n < N; ++n) {                // channel fusion: one add per kept channel
-        const int32_t* an = as + (int64_t)n * K;
-        v16 acc[V];
-        for (int v = 0; v < V; ++v) acc[v] = load(R + (int64_t)an[0] * TL + v * L);
-        for (int c = 1; c < K; ++c) {
-          const float* rc = R + (int64_t)an[c] * TL;
-          for (int v = 0; v < V; ++v) acc[v] += load(rc + v * L);
+      for (int k = 0; k < nchunks; ++k) {        // chunks of channels whose responses fit in L1
+        const int c0 = ch[k], c1 = ch[k + 1];
+        const int32_t r0 = os[c0];
+        float* R = Rbuf.data();
+        // centroid responses of the chunk, rows renumbered from 0
+        const float* xc = xb + (int64_t)c0 * plane;
+        if (kk == 9) tile_centroids<9>(xc, plane, t0, taps.data(), c1 - c0, os + c0, cs, kk, R - (int64_t)r0 * TL);
+        else if (kk == 1) tile_centroids<1>(xc, plane, t0, taps.data(), c1 - c0, os + c0, cs, kk, R - (int64_t)r0 * TL);
+        else tile_centroids<0>(xc, plane, t0, taps.data(), c1 - c0, os + c0, cs, kk, R - (int64_t)r0 * TL);
+        const float* Rr = R - (int64_t)r0 * TL;  // indexed by the global row
+        int n = 0;
+        for (; n + 4 <= N; n += 4) {
+          const int32_t* an[4] = {as + (int64_t)n * K, as + (int64_t)(n + 1) * K, as + (int64_t)(n + 2) * K,
+                                  as + (int64_t)(n + 3) * K};
+          fuse_block<4>(gb + n * Tp, Tp, an, c0, c1, Rr, bs + n, k == 0);
         }
-        for (int v = 0; v < V; ++v) store(gb + n * Tp + v * L, acc[v] + bs[n]);
+        for (; n < N; ++n) {
+          const int32_t* an[1] = {as + (int64_t)n * K};
+          fuse_block<1>(gb + n * Tp, Tp, an, c0, c1, Rr, bs + n, k == 0);
+        }
       }
     }
   });
@@ -130,6 +167,7 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("fused_conv", &fused_conv, "KSE fused centroid conv + fusion"); }
 """
 
+_CHUNK_ROWS = 128  # centroid rows per chunk: 128 x 32 floats = 16 KiB of responses
 _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
@@ -146,7 +184,7 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="kse_fused_v2", cpp_sources=_SOURCE, with_cuda=False,
+            _module = load_inline(name="kse_fused_v3", cpp_sources=_SOURCE, with_cuda=False,
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
             _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -177,7 +215,17 @@ def prepare(layer) -> dict:
     offsets[1:] = counts.cumsum(0).to(torch.int32)
     kh, kw = layer.kernel_size
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_channels)
+    # chunks of consecutive kept channels with at most _CHUNK_ROWS centroid rows (their
+    # responses for one tile, rows x 128 bytes, stay in the L1 cache during the fusion)
+    starts, rows = [0], 0
+    for c, q in enumerate(counts.tolist()):
+        if rows and rows + q > _CHUNK_ROWS:
+            starts.append(c)
+            rows = 0
+        rows += q
+    starts.append(len(counts))
     return {"kept": layer.kept_channels.to(torch.int64).cpu().contiguous(),
+            "chunks": torch.tensor(starts, dtype=torch.int32),
             "cents": layer.centroids.detach().reshape(-1, kh * kw).float().contiguous(),
             "offsets": offsets.contiguous(),
             "assign": layer.assignment.t().to(torch.int32).contiguous(),
@@ -190,4 +238,4 @@ def fused_conv(x: Tensor, tensors: dict, kernel_size, padding) -> Tensor:
     if mod is None:
         raise RuntimeError(f"the fused KSE kernel is unavailable ({_error}); use the dense, full or split form")
     return mod.fused_conv(x, tensors["kept"], tensors["cents"], tensors["offsets"], tensors["assign"],
-                          tensors["bias"], kernel_size[0], kernel_size[1], padding[0], padding[1])
+                          tensors["bias"], tensors["chunks"], kernel_size[0], kernel_size[1], padding[0], padding[1])
