@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fused", action="store_true", help="also measure the compiled fused kernel (kse.fused)")
+    ap.add_argument("--forms", nargs="+", default=["dense", "full", "split"], choices=["dense", "full", "split"],
+                    help="stock forms deploy_ measures (split is slow to time on large layers)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--no-layers", action="store_true", help="whole models only (skip the per-layer table)")
     args = ap.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
         else:
             model = (torchvision.models.resnet50() if name == "resnet50" else get_model(name)).eval()
             size = INPUT[name]
-        forms = ("dense", "full", "split") + (("fused",) if args.fused else ())
+        forms = tuple(args.forms) + (("fused",) if args.fused else ())
         out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms,
                                    args.device, not args.no_layers)
     print(json.dumps(out, indent=1))
