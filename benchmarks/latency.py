@@ -124,6 +124,14 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
     return results
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet56"], choices=sorted(SETTINGS))
@@ -141,7 +149,7 @@ def main() -> None:
     torch.manual_seed(0)
     out = {"benchmark": "latency", "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
            "results": []}
     for name in args.models:
         if args.checkpoint:

@@ -6,6 +6,8 @@ import torch
 import kse
 from kse.models import get_model
 
+from nets import assert_same_function, tiny_kse
+
 
 @pytest.mark.parametrize("form", ["dense", "full", "split", "auto"])
 def test_deploy_whole_model_matches_training_form(form):
@@ -18,7 +20,7 @@ def test_deploy_whole_model_matches_training_form(form):
         out = net(x)
     assert set(chosen.values()) <= {"dense", "full", "split"}
     assert all(net.get_submodule(n).form == f for n, f in chosen.items())
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert_same_function(out, ref)
     kse.deploy_(net, form="train")
     assert all(m.form == "train" for m in net.modules() if isinstance(m, kse.KSEConv2d))
 
@@ -53,8 +55,7 @@ def test_failed_auto_deploy_restores_forms(monkeypatch):
 def test_auto_deploy_over_several_batch_sizes(monkeypatch):
     import kse.deploy as deploy_mod
 
-    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
-                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    net = tiny_kse()
     # a fake clock: "dense" wins at batch 1 by a little and loses at batch 8 by a lot, so the
     # form chosen over both sizes is "full" (relative times 1.1 + 1.0 against 1.0 + 3.0)
     fake = {("dense", 1): 1.0, ("full", 1): 1.1, ("split", 1): 5.0,
@@ -77,8 +78,7 @@ def test_auto_deploy_over_several_batch_sizes(monkeypatch):
 def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch):
     from kse.conv import KSEConv2d
 
-    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
-                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    net = tiny_kse()
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         ref = net(x)
@@ -88,8 +88,8 @@ def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch):
         monkeypatch.setattr(KSEConv2d, "_forward_split", lambda self, x, d: used.append(len(x)) or real(self, x, d))
         out_small, out_big = net(x[:2]), net(x)  # 2 <= sqrt(1 * 4): split; 6: dense
     assert used and set(used) == {2}
-    torch.testing.assert_close(out_small, ref[:2], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    torch.testing.assert_close(out_big, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert_same_function(out_small, ref[:2])
+    assert_same_function(out_big, ref)
     kse.save(net, tmp_path / "m.kse")
     back = kse.load(tmp_path / "m.kse")
     assert {m.form for m in back.modules() if isinstance(m, KSEConv2d)} == {"split@1,dense@4"}

@@ -9,9 +9,9 @@ import torch.nn as nn
 import kse
 from kse import fused
 from kse.conv import KSEConv2d
-from kse.models import get_model
 
 from clitools import one_thread  # noqa: F401 (autouse: one torch thread for the module)
+from nets import assert_same_function, tiny_kse
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not built: {fused.build_error()}")
 
@@ -53,8 +53,7 @@ def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():
 
 
 def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
-    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
-                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    net = tiny_kse()
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         ref = net(x)
@@ -79,8 +78,7 @@ def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
 def test_kse_bench_fused_column(tmp_path):
     from clitools import ok
 
-    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
-                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    net = tiny_kse()
     kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 16, 16]})
     out, _ = ok(["bench", "--checkpoint", tmp_path / "net.kse", "--batch-size", 2, "--repeats", 1, "--warmup", 0,
                  "--fused", "--json"])
@@ -92,8 +90,7 @@ def test_kse_bench_fused_column(tmp_path):
 
 
 def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeypatch):
-    net = kse.compress(get_model("resnet20", num_classes=10, in_channels=1).eval(),
-                       kse.KSEConfig(G=4, input_size=(1, 16, 16)))
+    net = tiny_kse()
     x = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
         ref = net(x)
@@ -101,11 +98,11 @@ def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeyp
     assert set(forced.values()) == {"fused@1,full@8", "dense@1,full@8"}  # stride 2 layers: no kernel
     with torch.no_grad():
         for b in (1, 5):  # 1: the kernel, 5: the zero-filled dense conv
-            torch.testing.assert_close(net(x[:b]), ref[:b], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            assert_same_function(net(x[:b]), ref[:b])
     kse.save(net, tmp_path / "net.kse")
     monkeypatch.setattr(fused, "available", lambda: False)  # a machine without a compiler
     with pytest.warns(RuntimeWarning, match="unavailable here"):
         loaded = kse.load(tmp_path / "net.kse")
     assert {m.form for m in loaded.modules() if isinstance(m, KSEConv2d)} == {"dense@1,full@8"}
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert_same_function(loaded(x), ref)

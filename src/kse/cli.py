@@ -586,6 +586,15 @@ def _print_profiles(before, after, sizes: Optional[tuple] = None) -> None:
     print(text_table(["", "before", "after", "ratio"], rows))
 
 
+def _write_model(args: argparse.Namespace, model: torch.nn.Module, out: Path, extra: Optional[dict]) -> None:
+    """Save ``model`` to ``out`` (keeping its preprocessing) and the resolved arguments beside it
+    (``model.kse`` -> ``model.args.json``)."""
+    from .serialization import save
+
+    save(model, out, preprocess=getattr(model, "kse_preprocess", None), extra=extra)
+    _save_args(args, out.parent, f"{out.stem}.args.json")
+
+
 def _output_file(args: argparse.Namespace, path: Path, what: str) -> Path:
     """``--out`` as a file path that does not overwrite ``--checkpoint``."""
     if not args.out:
@@ -600,7 +609,6 @@ def _output_file(args: argparse.Namespace, path: Path, what: str) -> Path:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .report import layer_summary
-    from .serialization import save
 
     path = _checkpoint_path(args)
     out = _output_file(args, path, "the compressed .kse file to write")
@@ -609,8 +617,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     plans, before, after = _compress_model(model, args, path)
     extra = {**(getattr(model, "kse_extra", None) or {}),
              "compressed_from": str(path), "baseline": {"params": before.params, "macs": before.macs}}
-    save(model, out, extra=extra)
-    _save_args(args, out.parent, f"{out.stem}.args.json")  # beside the file: model.kse -> model.args.json
+    _write_model(args, model, out, extra)
     _print_layer_table(layer_summary(plans), planned=True)
     print()
     _print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
@@ -638,7 +645,6 @@ def _add_compress(sub) -> None:
 def cmd_prune_l1(args: argparse.Namespace) -> int:
     from .filter_prune import l1_prune_, prune_to_macs
     from .profile import profile
-    from .serialization import save
 
     path = _checkpoint_path(args)
     out = _output_file(args, path, "the pruned .kse file to write")
@@ -672,8 +678,7 @@ def cmd_prune_l1(args: argparse.Namespace) -> int:
     extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
              "l1_prune": {"ratio": ratio, "layers": list(args.layers), "removed": {k: len(v) for k, v in removed.items()},
                           "baseline": {"params": before.params, "macs": before.macs}}}
-    save(model, out, preprocess=getattr(model, "kse_preprocess", None), extra=extra)
-    _save_args(args, out.parent, f"{out.stem}.args.json")
+    _write_model(args, model, out, extra)
     print(f"L1 filter pruning, ratio {ratio:.4f} on {len(removed)} layers ({', '.join(args.layers)})")
     _print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
     print(f"wrote {out}")
@@ -1075,7 +1080,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .conv import INFERENCE_FORMS
     from .deploy import deploy_
     from .report import text_table
-    from .serialization import save
 
     path = _checkpoint_path(args)
     out = _output_file(args, path, "the deployed .kse file to write")
@@ -1096,8 +1100,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                      f"(CPU, {torch.get_num_threads()} threads)")
     forms = deploy_(model, form="auto", input_size=input_size, batch_size=sizes, repeats=args.repeats,
                     candidates=INFERENCE_FORMS + (("fused",) if args.fused else ()))
-    save(model, out, preprocess=getattr(model, "kse_preprocess", None), extra=getattr(model, "kse_extra", None))
-    _save_args(args, out.parent, f"{out.stem}.args.json")
+    _write_model(args, model, out, getattr(model, "kse_extra", None))
     print(text_table(["layer", "form"], [[n, f] for n, f in forms.items()]))
     print(f"forms: {', '.join(f'{f} x{c}' for f, c in _form_counts(forms).items())}")
     print(f"wrote {out} (loading it keeps these forms; nothing is measured again)")
