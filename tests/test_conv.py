@@ -188,11 +188,27 @@ def test_cluster_many_gives_each_layer_what_it_gets_alone():
 
 def test_gather_rows_gradient_and_zero_row():
     rows = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    index = torch.tensor([0, 5, 2, 2, 4, 5, 1])  # 5: the zero row
+    index = torch.tensor([0, 15, 7, 7, 12, 16, 5])  # elements of the [6, 3] table; 15, 16: the zero row
     out = _GatherRows.apply(rows, index)
-    assert torch.equal(out[[1, 5]], torch.zeros(2, 3, dtype=torch.float64))
-    assert torch.equal(out[[0, 2, 3, 4, 6]], rows.detach()[[0, 2, 2, 4, 1]])
+    assert torch.equal(out[[1, 5]], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(out[[0, 2, 3, 4, 6]], rows.detach().flatten()[[0, 7, 7, 12, 5]])
     assert torch.autograd.gradcheck(lambda r: _GatherRows.apply(r, index), (rows,))
+
+
+@pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])
+def test_training_weight_in_the_input_memory_format(counts):
+    _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
+    layer = layer.double().train()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    g = torch.autograd.grad(y.square().sum(), layer.centroids)[0]
+    y_cl = layer(x_cl)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    g_cl = torch.autograd.grad(y_cl.square().sum(), layer.centroids)[0]
+    torch.testing.assert_close(y_cl, y)
+    torch.testing.assert_close(g_cl, g)
+    torch.testing.assert_close(y, reference_forward(layer, x))
 
 
 @pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])  # the zero-kernel and the gather path

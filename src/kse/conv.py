@@ -172,25 +172,28 @@ _TRAIN_SELECT_MAX_KEPT = 2 / 3
 
 
 class _GatherRows(torch.autograd.Function):
-    """``out = cat([rows, 0])[index]`` as one autograd node (row ``len(rows)`` reads zeros).
+    """``out = cat([rows, 0]).flatten()[index]`` as one autograd node (row ``len(rows)`` reads zeros).
 
     The training form builds W' from the centroids every step; as stock ops (index_select,
     view, zero fill, index_copy) that is four autograd nodes and seven kernels per layer, which
-    dominate a training step when it is bound by dispatch (small inputs, fast GPUs). Backward:
+    weigh on a training step bound by dispatch (small inputs, fast GPUs). ``index`` addresses
+    single elements, so W' comes out in the memory order the convolution wants (channels_last
+    for channels_last inputs: a weight in the other layout costs a conversion each way). Backward:
     ``grad_rows = index_add(zeros, index, grad_out)`` without the zero row (KSE.md §6: the
     gradient of a centroid is the sum of the gradients of its kernels)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
-        ctx.n_rows = rows.shape[0]
-        return F.pad(rows, (0, 0, 0, 1)).index_select(0, index)
+        ctx.shape = rows.shape
+        return F.pad(rows, (0, 0, 0, 1)).reshape(-1).index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.n_rows + 1, grad.shape[1]).index_add_(0, index, grad)
-        return out[:ctx.n_rows], None
+        n, d = ctx.shape
+        out = grad.new_zeros((n + 1) * d).index_add_(0, index, grad.reshape(-1))
+        return out.view(n + 1, d)[:n], None
 
 
 class KSEConv2d(nn.Module):
@@ -288,18 +291,26 @@ class KSEConv2d(nn.Module):
         rows = self.centroids.reshape(-1, kh * kw).index_select(0, self.assignment.t().reshape(-1))
         return rows.view(N, K, kh, kw)
 
-    def _train_index(self, full: bool) -> Tensor:
-        """Row of ``centroids`` (or ``M``, a zero row) for every kernel of W', output-major:
-        ``[N * C_kept]`` or, with ``full``, ``[N * C_in]``. Cached until the assignment changes."""
+    def _train_index(self, full: bool, channels_last: bool) -> Tensor:
+        """For every element of W', its position in the flattened ``[M + 1, kh * kw]`` table of
+        centroids plus a zero row (row M, for dropped channels): W' over the kept channels, or
+        with ``full`` over all input channels; in NCHW or ``channels_last`` memory order.
+        Cached until the assignment changes."""
         key = tuple((t.data_ptr(), t._version) for t in (self.assignment, self.kept_channels)) + (
-            full, self.assignment.device, len(self.centroids))
+            full, channels_last, self.assignment.device, len(self.centroids))
         cache = self.__dict__.get("_index_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
-        index = self.assignment.t()
+        rows = self.assignment.t()  # [N, C_kept]: centroid row of each kernel
         if full:
-            index = torch.full((self.out_channels, self.in_channels), len(self.centroids), dtype=torch.long,
-                               device=index.device).index_copy_(1, self.kept_channels, index)
+            rows = torch.full((self.out_channels, self.in_channels), len(self.centroids), dtype=torch.long,
+                              device=rows.device).index_copy_(1, self.kept_channels, rows)
+        d = self.kernel_size[0] * self.kernel_size[1]
+        taps = torch.arange(d, device=rows.device)
+        if channels_last:  # [N, kh * kw, C]
+            index = rows.unsqueeze(1) * d + taps.view(1, d, 1)
+        else:  # [N, C, kh * kw]
+            index = rows.unsqueeze(2) * d + taps
         index = index.reshape(-1).contiguous()
         self.__dict__["_index_cache"] = (key, index)
         return index
@@ -329,10 +340,11 @@ class KSEConv2d(nn.Module):
             # gradient) costs more than it saves: all channels are convolved, dropped ones with
             # zero kernels
             full = len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels
-            index = self._train_index(full)
+            cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             kh, kw = self.kernel_size
-            weight = _GatherRows.apply(self.centroids.reshape(-1, kh * kw), index)
-            weight = weight.view(self.out_channels, -1, kh, kw)
+            weight = _GatherRows.apply(self.centroids.reshape(-1, kh * kw), self._train_index(full, cl))
+            weight = (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if cl
+                      else weight.view(self.out_channels, -1, kh, kw))
             return F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding,
                             self.dilation)
         self._refresh()
