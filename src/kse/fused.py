@@ -184,8 +184,9 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="kse_fused_v3", cpp_sources=_SOURCE, with_cuda=False,
-                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512"], verbose=False)
+            _module = load_inline(name="kse_fused_v4", cpp_sources=_SOURCE, with_cuda=False,
+                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
             _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         return _module
