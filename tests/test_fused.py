@@ -106,3 +106,24 @@ def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeyp
     assert {m.form for m in loaded.modules() if isinstance(m, KSEConv2d)} == {"dense@1,full@8"}
     with torch.no_grad():
         assert_same_function(loaded(x), ref)
+
+
+def test_fused_on_several_threads_equals_one_thread():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(24, 40, 3, 1, 1)
+    counts = torch.randint(0, 41, (24,))
+    counts[0] = 40
+    layer = KSEConv2d.from_conv(conv, counts).eval()
+    x = torch.randn(5, 24, 13, 11)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.set_form("fused")
+        single = layer(x)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)  # more threads than tiles per image: every split of the work
+        try:
+            multi = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(multi, single)  # each output is computed by one thread, in one order
+    assert_same_function(multi, ref)
