@@ -66,6 +66,8 @@ def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
         torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="candidates must be inference forms"):
         kse.deploy_(net, form="auto", input_size=(1, 16, 16), candidates=["train"])
+    only = kse.deploy_(net, form="auto", input_size=(1, 16, 16), repeats=1, candidates=["fused"])
+    assert {n for n, f in only.items() if f == "dense"} == strided  # the kernel alone: dense where it cannot run
     chosen = kse.deploy_(net, form="auto", input_size=(1, 16, 16), repeats=1, candidates=["dense", "fused"])
     assert all(chosen[n] == "dense" for n in strided)  # stride 2: the kernel does not apply
     kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 16, 16]})

@@ -51,7 +51,8 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
             inputs run in the form of the nearest measured size), or with ``per_batch=False``
             the one form with the smallest sum over them of its time relative to the best.
         candidates: the forms ``"auto"`` measures; add ``"fused"`` to include the compiled
-            kernel (built on first use; layers it does not support skip it).
+            kernel (built on first use; layers it does not support skip it, and get "dense"
+            when it is the only candidate).
     Returns:
         ``{layer name: chosen form}``.
     """
@@ -108,9 +109,8 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
                                      "pass the input_size the model expects, or deploy them with an explicit form")
                 for name, m in layers.items():
                     timings = {}
-                    for f in candidates:
-                        if f == "fused" and not (use_fused and fused.supports(m)):
-                            continue
+                    usable = [f for f in candidates if f != "fused" or (use_fused and fused.supports(m))]
+                    for f in usable or ["dense"]:  # only "fused" asked for, and it does not apply here
                         m.set_form(f)
                         timings[f] = time_call(m, inputs[name], warmup=1, repeats=repeats)["min_ms"]
                     best_at[name].append((b, min(timings, key=timings.get)))
