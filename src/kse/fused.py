@@ -102,7 +102,7 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   const int64_t ntiles = (T + TL - 1) / TL, Tp = ntiles * TL;
   const int64_t plane = Tp + (kh - 1) * Wp + kw + TL;  // padded plane + slack read by the last tile
   auto xp = torch::empty({B, (int64_t)K, plane}, x.options());
-  auto grid = torch::empty({B, (int64_t)N, Tp}, x.options());  // outputs on the padded-width grid
+  auto out = torch::empty({B, (int64_t)N, Ho, Wo}, x.options());
   const float* xs = x.data_ptr<float>();
   float* xps = xp.data_ptr<float>();
   const int64_t* kp = kept.data_ptr<int64_t>();
@@ -127,16 +127,16 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   const int32_t* as = assign.data_ptr<int32_t>();
   const int32_t* ch = chunks.data_ptr<int32_t>();
   const float* bs = bias.data_ptr<float>();
-  float* gs = grid.data_ptr<float>();
+  float* ys = out.data_ptr<float>();
   int max_rows = 0;
   for (int k = 0; k < nchunks; ++k) max_rows = std::max(max_rows, os[ch[k + 1]] - os[ch[k]]);
   at::parallel_for(0, B * ntiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> Rbuf((int64_t)max_rows * TL + TL);
-    std::vector<const int32_t*> rows(N);
+    std::vector<float> tile((int64_t)N * TL);  // the tile's outputs on the padded-width grid, [N][TL]
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / ntiles, t0 = (bt % ntiles) * TL;
       const float* xb = xps + b * K * plane;
-      float* gb = gs + b * N * Tp + t0;
+      float* gb = tile.data();
       for (int k = 0; k < nchunks; ++k) {        // chunks of channels whose responses fit in L1
         const int c0 = ch[k], c1 = ch[k + 1];
         const int32_t r0 = os[c0];
@@ -151,17 +151,27 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
         for (; n + 4 <= N; n += 4) {
           const int32_t* an[4] = {as + (int64_t)n * K, as + (int64_t)(n + 1) * K, as + (int64_t)(n + 2) * K,
                                   as + (int64_t)(n + 3) * K};
-          fuse_block<4>(gb + n * Tp, Tp, an, c0, c1, Rr, bs + n, k == 0);
+          fuse_block<4>(gb + n * TL, TL, an, c0, c1, Rr, bs + n, k == 0);
         }
         for (; n < N; ++n) {
           const int32_t* an[1] = {as + (int64_t)n * K};
-          fuse_block<1>(gb + n * Tp, Tp, an, c0, c1, Rr, bs + n, k == 0);
+          fuse_block<1>(gb + n * TL, TL, an, c0, c1, Rr, bs + n, k == 0);
         }
+      }
+      // the tile's valid pixels -> out[b, :, h, w]: runs of columns < Wo of the rows it covers
+      for (int64_t p = t0; p < std::min(t0 + TL, T);) {
+        const int64_t h = p / Wp, w = p % Wp, run = std::min(Wp - w, t0 + TL - p);
+        if (w < Wo) {
+          const int64_t len = std::min(run, Wo - w);
+          float* dst = ys + (b * N * Ho + h) * Wo + w;
+          for (int n = 0; n < N; ++n)
+            std::memcpy(dst + (int64_t)n * Ho * Wo, gb + (int64_t)n * TL + (p - t0), len * sizeof(float));
+        }
+        p += run;
       }
     }
   });
-  // drop the padding columns: [B, N, Ho, Wp] grid -> [B, N, Ho, Wo]
-  return grid.narrow(2, 0, T).view({B, (int64_t)N, Ho, Wp}).narrow(3, 0, Wo).contiguous();
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("fused_conv", &fused_conv, "KSE fused centroid conv + fusion"); }
@@ -184,7 +194,7 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="kse_fused_v4", cpp_sources=_SOURCE, with_cuda=False,
+            _module = load_inline(name="kse_fused_v5", cpp_sources=_SOURCE, with_cuda=False,
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
