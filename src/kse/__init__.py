@@ -10,14 +10,6 @@ Entropy for Interpretable CNN Compression", CVPR 2019).
 
 __version__ = "0.1.0"
 
-import os as _os
-
-# NOTE: deploy_ runs every form of every layer at several batch sizes, and those shapes fill
-# oneDNN's primitive cache (1024 entries by default); afterwards a ResNet-56 forward at batch 1
-# ran 2.5x slower here (15.5 vs 6.1 ms, dense model too) until the process ended. A larger
-# cache, read by oneDNN when it makes its first primitive, avoids it; a value the user set wins.
-_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
-
 from .compress import LayerPlan, compress, compress_, plan
 from .config import KSEConfig
 from .conv import KSEConv2d, cluster_kernels
