@@ -5,7 +5,7 @@ For each model and setting, at each batch size, prints (one JSON object):
 * ``pruned_ms``: the *pruned structure*, a dense network with only the kept input channels
   (every KSE layer as a dense conv over its kept channels, dead producer channels removed);
 * ``kse_ms``: the compressed model after ``kse.deploy_(form="auto")`` at the batch sizes below
-  (forms per batch size); each the best of 5 interleaved rounds (``cpu_steal_s``: CPU time
+  (forms per batch size); each the best of 10 interleaved rounds (``cpu_steal_s``: CPU time
   the hypervisor gave other guests meanwhile);
 * ``mac_ratio_pruned`` (dense MACs / pruned-structure MACs) and ``mac_ratio_paper`` (dense /
   KSE MACs in the paper's accounting), and ``latency_ratio`` = dense_ms / kse_ms;
@@ -70,11 +70,13 @@ def cpu_steal_s() -> float:
         return float("nan")
 
 
-def interleaved(models, x, repeats: int, rounds: int = 5) -> list:
+def interleaved(models, x, repeats: int, rounds: int = 10) -> list:
     """Time (ms) of each model: the best over ``rounds`` interleaved rounds of the median of
     ``repeats // rounds`` runs. Interleaving lets drift hit every model alike; the best round
-    keeps a burst of load from other tenants of the machine (it slowed oneDNN's small convs
-    2.5x and this project's kernel 2x here, so it changes ratios too) out of the figures."""
+    keeps bursts of load from outside the process out of the figures: on this project's shared
+    2-core machine the dense ResNet-56 at batch 1 ran at 6.3 ms or, for seconds at a time, at
+    15 ms (no steal time reported), and this project's kernel slowed only 2x, so bursts change
+    ratios too."""
     per_round = [[] for _ in models]
     with torch.no_grad():
         for _ in range(rounds):
