@@ -5,8 +5,8 @@ For each model and setting, at each batch size, prints (one JSON object):
 * ``pruned_ms``: the *pruned structure*, a dense network with only the kept input channels
   (every KSE layer as a dense conv over its kept channels, dead producer channels removed);
 * ``kse_ms``: the compressed model after ``kse.deploy_(form="auto")`` at the batch sizes below
-  (forms per batch size); each the best of 10 interleaved rounds (``cpu_steal_s``: CPU time
-  the hypervisor gave other guests meanwhile);
+  (forms per batch size); each the best of 10 interleaved rounds (``kse.timing.time_interleaved``;
+  ``cpu_steal_s``: CPU time the hypervisor gave other guests meanwhile);
 * ``mac_ratio_pruned`` (dense MACs / pruned-structure MACs) and ``mac_ratio_paper`` (dense /
   KSE MACs in the paper's accounting), and ``latency_ratio`` = dense_ms / kse_ms;
 * ``goal_no_slower`` (kse_ms <= dense_ms) and ``goal_pruned_ratio``
@@ -39,7 +39,7 @@ from kse.conv import KSEConv2d
 from kse.models import get_model
 from kse import fused
 from kse.report import capture_layer_inputs
-from kse.timing import time_call
+from kse.timing import time_call, time_interleaved
 
 SETTINGS = {
     "resnet56": [dict(G=4), dict(G=5)],
@@ -70,21 +70,6 @@ def cpu_steal_s() -> float:
         return float("nan")
 
 
-def interleaved(models, x, repeats: int, rounds: int = 10) -> list:
-    """Time (ms) of each model: the best over ``rounds`` interleaved rounds of the median of
-    ``repeats // rounds`` runs. Interleaving lets drift hit every model alike; the best round
-    keeps bursts of load from outside the process out of the figures: on this project's shared
-    2-core machine the dense ResNet-56 at batch 1 ran at 6.3 ms or, for seconds at a time, at
-    15 ms (no steal time reported), and this project's kernel slowed only 2x, so bursts change
-    ratios too."""
-    per_round = [[] for _ in models]
-    with torch.no_grad():
-        for _ in range(rounds):
-            for times, m in zip(per_round, models):
-                times.append(time_call(m, x, 2, max(repeats // rounds, 1))["median_ms"])
-    return [min(t) for t in per_round]
-
-
 def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int,
                 forms=("dense", "full", "split"), device: str = "cpu", layer_table: bool = True) -> list:
     results = []
@@ -102,7 +87,9 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
         for b in batches:
             x = torch.randn(b, *input_size, device=device)
             steal = cpu_steal_s()
-            t_dense, t_pruned, t_kse = interleaved((model, pruned, small), x, repeats)
+            with torch.no_grad():
+                t_dense, t_pruned, t_kse = (t["median_ms"] for t in time_interleaved(
+                    (model, pruned, small), x, rounds=10, repeats=max(repeats // 10, 1)))
             steal = cpu_steal_s() - steal
             ratio = t_dense / t_kse
             row["batches"][b] = {"dense_ms": round(t_dense, 3), "pruned_ms": round(t_pruned, 3),

@@ -213,6 +213,10 @@ def test_demo_on_a_fake_checkpoint(work, baseline):
     assert comp["file_bytes"] < base["file_bytes"]
     assert 0 <= comp["top1"] <= 100 and 0 <= comp["top1_before_finetune"] <= 100
     assert set(comp["latency_ms"]) == {"1", "64"} and all(v > 0 for v in comp["latency_ms"].values())
+    # forms chosen per batch size (the fused kernel among the candidates); every layer runs one at each size
+    assert set(comp["forms_by_batch"]) == {"1", "64"}
+    assert all(sum(f.values()) == 18 and set(f) <= {"dense", "full", "split", "fused"}
+               for f in comp["forms_by_batch"].values())
     assert report["finetune"]["steps"] == 3
     assert "| top-1 (%) |" in (out_dir / "report.md").read_text()
     assert (out_dir / "layers.png").read_bytes()[:4] == b"\x89PNG"

@@ -795,14 +795,24 @@ def _add_finetune(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8)) -> Dict[str, str]:
+def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fused: bool = False) -> Dict[str, str]:
     """Put the KSE layers in their fastest CPU forms, measured at batch 1 and 8 by default (a form
-    per batch size where they differ); ``{}`` for a dense model."""
+    per batch size where they differ), with ``fused`` the compiled kernel among them when it
+    builds; ``{}`` for a dense model."""
+    from .conv import INFERENCE_FORMS
     from .deploy import deploy_
 
     if not _kse_layers(model):
         return {}
-    return deploy_(model.cpu(), form="auto", input_size=input_size, batch_size=batch_size)
+    if fused:
+        from . import fused as fused_mod
+
+        _stage("deploy", "building the fused kernel (a C++ compiler, once per machine: about a minute)")
+        if not fused_mod.available():
+            _stage("deploy", f"note: no fused kernel ({fused_mod.build_error()}); using the stock forms")
+            fused = False
+    return deploy_(model.cpu(), form="auto", input_size=input_size, batch_size=batch_size,
+                   candidates=INFERENCE_FORMS + (("fused",) if fused else ()))
 
 
 def _form_counts(forms: Dict[str, str]) -> Dict[str, int]:
@@ -1189,9 +1199,10 @@ def _demo_finetune(model, train_loader, args, device) -> Dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     import copy
 
-    from .report import fmt_bytes, fmt_count, fmt_ratio, layer_summary, markdown_table, measure_latency, \
-        plot_layers, summary_totals, text_table
+    from .report import fmt_bytes, fmt_count, fmt_ratio, layer_summary, markdown_table, plot_layers, \
+        summary_totals, text_table
     from .serialization import save
+    from .timing import time_interleaved
     from .train import evaluate
 
     if args.checkpoint:
@@ -1242,9 +1253,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"lr {args.lr}, {device})")
     finetune = _demo_finetune(model, train_loader, args, device) if args.finetune_steps else {"steps": 0}
 
-    stage("deploy", "deploying the KSE layers (fastest form per layer on this CPU) and evaluating")
+    stage("deploy", "deploying the KSE layers (fastest form per layer and batch size on this CPU) and evaluating")
     model.cpu().eval()
-    forms = _deploy_cpu(model, input_size)
+    forms = _deploy_cpu(model, input_size, (1, 64), fused=args.fused)
     acc_kse = evaluate(model.to(device), test_loader, device, max_batches=args.eval_batches)
     model.cpu()
     _stage("demo", f"      top-1 {acc_kse['top1']:.2f}% after fine-tuning ({_form_counts(forms)})")
@@ -1252,14 +1263,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save(model, model_file, extra={**(getattr(baseline, "kse_extra", None) or {}), "compressed_from": str(path),
                                    "demo_finetune": finetune})
 
-    stage("latency", f"timing on CPU, batch 1 and 64 ({torch.get_num_threads()} threads, median of "
-                     f"{args.repeats} runs)")
+    stage("latency", f"timing on CPU, batch 1 and 64 ({torch.get_num_threads()} threads, best of 10 "
+                     f"interleaved rounds of {max(args.repeats // 10, 1)} runs)")
     latency, forms_by_batch = {}, {}
+    layers = _kse_layers(model)
     for b in (1, 64):
-        # the faster form of a layer can change with the batch size: choose per batch size
-        forms_by_batch[b] = _form_counts(_deploy_cpu(model, input_size, b)) if b != 1 else _form_counts(forms)
-        latency[b] = {"baseline": measure_latency(baseline, input_size, b, 2, args.repeats),
-                      "kse": measure_latency(model, input_size, b, 2, args.repeats)}
+        forms_by_batch[b] = _form_counts({n: m._form_for_batch(b) for n, m in layers.items()})
+        x = torch.randn(b, *input_size, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            t_base, t_kse = time_interleaved((baseline.eval(), model.eval()), x, rounds=10,
+                                             repeats=max(args.repeats // 10, 1))
+        latency[b] = {"baseline": t_base, "kse": t_kse}
     stage.close()
 
     rows = layer_summary(plans)
@@ -1303,12 +1317,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"# KSE demo: {report['arch']} on {name}", "",
         f"Baseline `{path}`, compressed with KSE G={args.G}, T={args.T}, alpha={args.alpha}, fine-tuned for "
         f"{finetune['steps']} steps (lr {args.lr}). Accuracy on {acc_base['count']} test images; latency on CPU "
-        f"({report['threads']} threads, median of {args.repeats} runs; KSE layer forms chosen by measurement for "
-        f"each batch size: " + ", ".join(f"batch {b}: {f}" for b, f in forms_by_batch.items()) + ").", "",
+        f"({report['threads']} threads, best of 10 interleaved rounds of {max(args.repeats // 10, 1)} runs; KSE layer "
+        f"forms chosen by measurement for each batch size: " + ", ".join(f"batch {b}: {f}" for b, f in forms_by_batch.items()) + ").", "",
         markdown_table(headers, table), "",
         f"MACs follow the paper's deployment accounting (KSE.md §7): the centroid convolutions; the channel-fusion "
         f"additions ({fmt_count(prof_kse.fusion_adds)}) are not included. Latency is measured on the forms "
-        f"PyTorch runs fastest here, so it need not shrink as much as the MACs.", "",
+        f"that ran fastest here (`fused`: this package's compiled kernel), so it need not shrink as much as the "
+        f"MACs.", "",
         f"{report['totals']['layers']} layers compressed: input channels kept {report['totals']['kept']}/"
         f"{report['totals']['in_channels']}, {report['totals']['centroids']} centroids for "
         f"{report['totals']['kernels']} kernels ({report['totals']['ratio']:.2f}x).", "",
@@ -1334,12 +1349,16 @@ def _add_demo(sub) -> None:
     _common(p, "checkpoint", "dataset", "data-dir", "out", "G", "T", "alpha", "lr", "batch-size", "device", "seed")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default 300; 0 skips)")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate only this many test batches of 256")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per latency (default 20)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per latency, spread over 10 interleaved rounds (default 40)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size (for a fake checkpoint)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="consider the compiled fused kernel when deploying (default: on; built once, needs a C++ "
+                        "compiler; without one the stock forms are used)")
     p.set_defaults(func=cmd_demo, _defaults=dict(
         out="runs/demo", G=4, T=0, alpha=1.0, lr=0.01, batch_size=128, seed=0, finetune_steps=300,
-        repeats=20, fake_size=256))
+        repeats=40, fake_size=256, fused=True))
 
 
 # ----------------------------------------------------------------------------- main
