@@ -191,6 +191,13 @@ def _build():
         if os.environ.get("KSE_NO_EXTENSION"):
             _error = "disabled by KSE_NO_EXTENSION"
             return None
+        import logging
+
+        def no_cuda_note(record: logging.LogRecord) -> bool:  # irrelevant for a CPU-only build
+            return "No CUDA runtime is found" not in record.getMessage()
+
+        log = logging.getLogger("torch.utils.cpp_extension")
+        log.addFilter(no_cuda_note)
         try:
             from torch.utils.cpp_extension import load_inline
 
@@ -199,6 +206,8 @@ def _build():
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
             _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        finally:
+            log.removeFilter(no_cuda_note)
         return _module
 
 
