@@ -171,8 +171,14 @@ def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]
 _TRAIN_SELECT_MAX_KEPT = 2 / 3
 
 
-class _GatherRows(torch.autograd.Function):
-    """``out = cat([rows, 0]).flatten()[index]`` as one autograd node (row ``len(rows)`` reads zeros).
+def _is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class _GatherElements(torch.autograd.Function):
+    """``out = cat([rows, 0]).flatten()[index]`` as one autograd node (the appended row of zeros
+    serves the kernels of dropped channels).
 
     The training form builds W' from the centroids every step; as stock ops (index_select,
     view, zero fill, index_copy) that is four autograd nodes and seven kernels per layer, which
@@ -322,7 +328,7 @@ class KSEConv2d(nn.Module):
     def _select(self, x: Tensor) -> Tensor:
         if self.all_kept:
             return x
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if _is_channels_last(x):
             # gather along the innermost (channel) axis, so the result stays channels_last: an
             # NCHW result would switch every following layer to the slower layout
             return x.permute(0, 2, 3, 1).index_select(3, self.kept_channels).permute(0, 3, 1, 2)
@@ -340,15 +346,15 @@ class KSEConv2d(nn.Module):
             # gradient) costs more than it saves: all channels are convolved, dropped ones with
             # zero kernels
             full = len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels
-            cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            cl = _is_channels_last(x)
             kh, kw = self.kernel_size
-            weight = _GatherRows.apply(self.centroids.reshape(-1, kh * kw), self._train_index(full, cl))
+            weight = _GatherElements.apply(self.centroids.reshape(-1, kh * kw), self._train_index(full, cl))
             weight = (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if cl
                       else weight.view(self.out_channels, -1, kh, kw))
             return F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding,
                             self.dilation)
         self._refresh()
-        form = self._batch_forms[0][1] if len(self._batch_forms) == 1 else self._form_for_batch(x.shape[0])
+        form = self._form_for_batch(x.shape[0])
         d = self._deploy[form]
         if form == "split":
             return self._forward_split(x, d)
