@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not
 @pytest.mark.parametrize("C,N,k,p,H,W,B,bias", [
     (6, 8, 3, 1, 7, 9, 2, True), (16, 16, 3, 1, 28, 28, 3, False), (5, 7, 1, 0, 5, 5, 2, True),
     (4, 6, (3, 2), (1, 0), 6, 5, 1, True), (8, 8, 3, 0, 9, 9, 2, False), (3, 5, 5, 2, 4, 11, 1, True),
-    (64, 64, 3, 1, 7, 7, 4, False)])
+    (64, 64, 3, 1, 7, 7, 4, False), (4, 6, 1, 1, 5, 6, 2, True)])  # last: padding wider than the kernel
 def test_fused_equals_training_form(C, N, k, p, H, W, B, bias):
     g = torch.Generator().manual_seed(C * 31 + H)
     conv = nn.Conv2d(C, N, k, 1, p, bias=bias)

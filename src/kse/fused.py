@@ -11,7 +11,7 @@ so it costs ``sum_c q_c * kh * kw`` multiply-adds plus ``N * C_kept`` adds per p
 
 Stride 1, no dilation, float32 (other layers keep the stock forms). The pixels of a tile run
 along the rows of the zero-padded input, so a 3x3 tap is a fixed offset and every load is a
-contiguous vector; the two columns of padding per row are computed and dropped. The extension
+contiguous vector; neighbouring rows share their padding column, which is computed and dropped. The extension
 is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja are needed; about 20-40 s once, then cached); ``available()`` says whether it built.
 """
@@ -96,7 +96,10 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - kh + 1, Wo = Wp - kw + 1;
+  const int64_t Hp = H + 2 * ph, Ho = Hp - kh + 1, Wo = W + 2 * pw - kw + 1;
+  // row stride of the padded planes: a row's right padding doubles as the next row's left
+  // padding (both zeros) when that leaves room for every output column (pw <= kw - 1)
+  const int64_t Wp = pw <= kw - 1 ? W + pw : W + 2 * pw;
   TORCH_CHECK(Ho > 0 && Wo > 0, "input smaller than the kernel");
   const int64_t T = Ho * Wp;                       // outputs on the padded-width grid
   const int64_t ntiles = (T + TL - 1) / TL, Tp = ntiles * TL;
@@ -201,7 +204,7 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="kse_fused_v5", cpp_sources=_SOURCE, with_cuda=False,
+            _module = load_inline(name="kse_fused_v6", cpp_sources=_SOURCE, with_cuda=False,
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
