@@ -1,19 +1,22 @@
 """Fused centroid convolution + channel fusion for KSE layers on the CPU (KSE.md §7).
 
-The paper's split form, in one pass over each tile of 16 output pixels:
+The paper's split form, in one pass over each tile of 32 output pixels:
 
     r[c, j]  = sum_{i, k} x[c, p + tap(i, k)] * B_c[j][i, k]     (2D part: q_c centroids of channel c)
     y[n]     = bias[n] + sum_{c kept} r[c, idx_c[n]]              (fusion: one add per kept channel)
 
 so it costs ``sum_c q_c * kh * kw`` multiply-adds plus ``N * C_kept`` adds per pixel, against
-``N * C * kh * kw`` for the dense convolution. The centroid responses of a tile stay in cache
-(``sum_c q_c`` vectors of 16 floats) and the fusion reads them by index.
+``N * C * kh * kw`` for the dense convolution. The kept channels are taken in chunks whose
+centroid responses (at most 128 rows of 32 floats) stay in the L1 cache while the fusion reads
+them by index, four outputs at a time; the outputs of a tile stay in a buffer of ``N x 32``
+floats until the last chunk, then its valid pixels are copied to the result.
 
 Stride 1, no dilation, float32 (other layers keep the stock forms). The pixels of a tile run
 along the rows of the zero-padded input, so a 3x3 tap is a fixed offset and every load is a
-contiguous vector; neighbouring rows share their padding column, which is computed and dropped. The extension
-is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
-ninja are needed; about 20-40 s once, then cached); ``available()`` says whether it built.
+contiguous vector; neighbouring rows share their padding column, which is computed and
+dropped. Tiles are spread over torch's threads (OpenMP). The extension is compiled on first use
+with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are needed; about a
+minute once, then cached); ``available()`` says whether it built.
 """
 
 from __future__ import annotations
