@@ -61,23 +61,17 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
     bad = [f for f in candidates if f not in FORMS or f == "train"]
     if bad or not candidates:
         raise ValueError(f"candidates must be inference forms from {FORMS[1:]}, got {list(candidates)!r}")
-    if "fused" in candidates:
-        from . import fused
+    from . import fused
 
-        use_fused = fused.available()  # built once here, not inside the timing loop
+    use_fused = "fused" in candidates and fused.available()  # built once here, not inside the timing loop
     layers = {n: m for n, m in model.named_modules() if isinstance(m, KSEConv2d)}
     if not layers:
         raise ValueError("the model has no KSE layer to deploy; run kse.compress_ first")
     if form != "auto":
         chosen = {}
         for n, m in layers.items():
-            if "fused" in form:
-                from . import fused
-
-                if not fused.supports(m):  # e.g. stride 2: the kernel does not apply
-                    chosen[n] = m.set_form(without_fused(form)).form
-                    continue
-            chosen[n] = m.set_form(form).form
+            # e.g. stride 2: the kernel does not apply, such layers get the dense form
+            chosen[n] = m.set_form(form if "fused" not in form or fused.supports(m) else without_fused(form)).form
         return chosen
 
     if input_size is None:
