@@ -159,6 +159,12 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
     manifest = json.loads((out_dir / "export.json").read_text())
     assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
     assert set(manifest["exports"]) == {"onnx", "torchscript"}
+    # default form auto: measured forms (the compiled kernel among them) for TorchScript, zero
+    # kernels for dropped channels for onnxruntime
+    assert manifest["exports"]["onnx"]["forms"] == {"full": 18} and manifest["batch_size"] == 1
+    assert sum(manifest["exports"]["torchscript"]["forms"].values()) == 18
+    if "fused" in manifest["exports"]["torchscript"]["forms"]:
+        assert "kse.fused.available()" in out and "torchscript_needs" in manifest
 
     # check independently, on a batch size the export never saw
     model = kse.load(finetuned / "model.kse")
@@ -174,7 +180,8 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
 def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch):
     monkeypatch.setattr(cli, "_max_rel_diff", lambda out, ref: 0.5)
     out_dir = work / "export-bad"
-    line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript"])
+    line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript",
+                           "--form", "full"])
     assert "does not match PyTorch: max relative difference 0.5 > 0.0001" in line
     assert not (out_dir / "model.ts.pt").exists()
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".model")]  # no temporary file left

@@ -795,7 +795,8 @@ def _add_finetune(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fused: bool = False) -> Dict[str, str]:
+def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fused: bool = False,
+                command: str = "deploy") -> Dict[str, str]:
     """Put the KSE layers in their fastest CPU forms, measured at batch 1 and 8 by default (a form
     per batch size where they differ), with ``fused`` the compiled kernel among them when it
     builds; ``{}`` for a dense model."""
@@ -807,9 +808,9 @@ def _deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fu
     if fused:
         from . import fused as fused_mod
 
-        _stage("deploy", "building the fused kernel (a C++ compiler, once per machine: about a minute)")
+        _stage(command, "building the fused kernel (a C++ compiler, once per machine: about 15 s)")
         if not fused_mod.available():
-            _stage("deploy", f"note: no fused kernel ({fused_mod.build_error()}); using the stock forms")
+            _stage(command, f"note: no fused kernel ({fused_mod.build_error()}); using the stock forms")
             fused = False
     return deploy_(model.cpu(), form="auto", input_size=input_size, batch_size=batch_size,
                    candidates=INFERENCE_FORMS + (("fused",) if fused else ()))
@@ -913,6 +914,13 @@ def _export_and_check(model: torch.nn.Module, fmt: str, target: Path, example: t
     return _max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
 
 
+def _onnx_form(form: str) -> str:
+    """``form`` with the compiled kernel replaced by zero kernels for dropped channels ("full")."""
+    from .conv import batch_form, parse_form
+
+    return batch_form([(b, "full" if f == "fused" else f) for b, f in parse_form(form)])
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
 
@@ -926,39 +934,56 @@ def cmd_export(args: argparse.Namespace) -> int:
         except ImportError:
             raise CLIError("ONNX export is verified with onnxruntime, which is not installed; "
                            "pip install 'kse[export]' or pass --format torchscript") from None
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = _load_model(path)
     input_size = _input_size(model, path)
+    layers = _kse_layers(model)
     forms: Dict[str, str] = {}
-    if _kse_layers(model):
+    if layers:
         from .deploy import deploy_
 
         forms = deploy_(model, form=args.form, input_size=input_size) if args.form != "auto" else \
-            _deploy_cpu(model, input_size)
+            _deploy_cpu(model, input_size, (args.batch_size,), fused=True, command="export")
     model.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_args(args, out)
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(1, *input_size, generator=gen)
-    check = torch.randn(3, *input_size, generator=gen)  # another batch size: the batch axis must stay dynamic
+    # the trace runs at --batch-size: TorchScript keeps the forms chosen for it
+    example = torch.randn(args.batch_size, *input_size, generator=gen)
+    check = torch.randn(args.batch_size + 2, *input_size, generator=gen)  # the batch axis must stay dynamic
     with torch.no_grad():
         ref = model(check)
-    written, verified = [], {}
+    written, verified, forms_of = [], {}, {}
     tolerance = 1e-4
     for fmt in formats:
         target = out / ("model.onnx" if fmt == "onnx" else "model.ts.pt")
+        # onnxruntime cannot run the compiled kernel, and runs the channel gather of "dense" slowly
+        # (forms measured in PyTorch say nothing of it): ONNX gets zero kernels for the dropped
+        # channels ("full") under auto, and where an explicit form is fused
+        fmt_forms = forms if fmt != "onnx" else {
+            n: "full" if args.form == "auto" else _onnx_form(f) for n, f in forms.items()}
+        for n, f in fmt_forms.items():
+            layers[n].set_form(f)
         # written to a temporary file, checked, then renamed: a failed export leaves no file behind
         with atomic_path(target) as tmp:
             diff = _export_and_check(model, fmt, tmp, example, check, ref)
             if not diff <= tolerance:
                 raise CLIError(f"{fmt} export does not match PyTorch: max relative difference {diff:.3g} > "
                                f"{tolerance:g} (nothing written)")
-        verified[fmt] = {"file": str(target), "max_rel_diff": diff}
+        forms_of[fmt] = _form_counts({n: m._form_for_batch(args.batch_size) for n, m in layers.items()})
+        verified[fmt] = {"file": str(target), "max_rel_diff": diff, "forms": forms_of[fmt]}
         written.append(target)
         print(f"wrote {target} (verified: max relative difference {diff:.2e} on a batch of {len(check)})")
     manifest = {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "input_size": list(input_size),
                 "preprocess": model.kse_preprocess, "forms": _form_counts(forms), "tolerance": tolerance,
-                "exports": verified, "input_name": "input", "output_name": "logits"}
+                "batch_size": args.batch_size, "exports": verified, "input_name": "input", "output_name": "logits"}
+    if "fused" in forms_of.get("torchscript", {}):
+        manifest["torchscript_needs"] = ("the kse operator library: `import kse.fused; kse.fused.available()` "
+                                         "before torch.jit.load (or torch.ops.load_library(kse.fused.library_path()))")
+        print("note: model.ts.pt calls the fused KSE kernel (torch.ops.kse.fused_conv): in Python, "
+              "`import kse.fused; kse.fused.available()` before torch.jit.load")
     _save_json(out / "export.json", manifest)
     print(f"wrote {out / 'export.json'}")
     return 0
@@ -974,11 +999,16 @@ def _add_export(sub) -> None:
     _common(p, "checkpoint", "out")
     p.add_argument("--format", nargs="+", choices=["onnx", "torchscript"], default=None,
                    help="formats to write (default: both)")
-    p.add_argument("--form", choices=["auto", "dense", "full", "split"], default=None,
-                   help="KSE layer form to export (default full: zero kernels for dropped channels, the dense "
-                        "conv's cost; onnxruntime runs the gather of 'dense' slowly: 0.33x at batch 64 on "
-                        "ResNet-56 here; auto: measured per layer in PyTorch on this CPU)")
-    p.set_defaults(func=cmd_export, _defaults=dict(format=["onnx", "torchscript"], form="full"))
+    p.add_argument("--form", choices=["auto", "dense", "full", "split", "fused"], default=None,
+                   help="KSE layer form to export (default auto: for TorchScript the fastest per layer at "
+                        "--batch-size on this CPU, the compiled fused kernel among them when it builds; for "
+                        "ONNX full, zero kernels for dropped channels: onnxruntime cannot run the kernel, and "
+                        "runs the gather of 'dense' slowly, 0.33x at batch 64 on ResNet-56 here). An explicit "
+                        "form applies to both, except that ONNX gets full where it says fused")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size the forms are chosen for and the TorchScript trace runs at (default 1); "
+                        "the exported batch axis stays dynamic")
+    p.set_defaults(func=cmd_export, _defaults=dict(format=["onnx", "torchscript"], form="auto", batch_size=1))
 
 
 # ----------------------------------------------------------------------------- bench

@@ -15,8 +15,8 @@ Stride 1, no dilation, float32 (other layers keep the stock forms). The pixels o
 along the rows of the zero-padded input, so a 3x3 tap is a fixed offset and every load is a
 contiguous vector; neighbouring rows share their padding column, which is computed and
 dropped. Tiles are spread over torch's threads (OpenMP). The extension is compiled on first use
-with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are needed; about a
-minute once, then cached); ``available()`` says whether it built.
+with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are needed; about
+15 s once, then cached); ``available()`` says whether it built.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 _SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <vector>
 #include <cstring>
 #include <algorithm>
@@ -92,10 +93,10 @@ static inline void fuse_block(float* g, int64_t Tp, const int32_t* const* an, in
     for (int v = 0; v < V; ++v) store(g + j * Tp + v * L, acc[j][v]);
 }
 
-torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cents, torch::Tensor offsets,
-                         torch::Tensor assign, torch::Tensor bias, torch::Tensor chunks,
+at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tensor offsets,
+                         at::Tensor assign, at::Tensor bias, at::Tensor chunks,
                          int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be float32 [B, C, H, W]");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be float32 [B, C, H, W]");
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
@@ -107,8 +108,8 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   const int64_t T = Ho * Wp;                       // outputs on the padded-width grid
   const int64_t ntiles = (T + TL - 1) / TL, Tp = ntiles * TL;
   const int64_t plane = Tp + (kh - 1) * Wp + kw + TL;  // padded plane + slack read by the last tile
-  auto xp = torch::empty({B, (int64_t)K, plane}, x.options());
-  auto out = torch::empty({B, (int64_t)N, Ho, Wo}, x.options());
+  auto xp = at::empty({B, (int64_t)K, plane}, x.options());
+  auto out = at::empty({B, (int64_t)N, Ho, Wo}, x.options());
   const float* xs = x.data_ptr<float>();
   float* xps = xp.data_ptr<float>();
   const int64_t* kp = kept.data_ptr<int64_t>();
@@ -180,20 +181,26 @@ torch::Tensor fused_conv(torch::Tensor x, torch::Tensor kept, torch::Tensor cent
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("fused_conv", &fused_conv, "KSE fused centroid conv + fusion"); }
+// an operator (torch.ops.kse.fused_conv), so that torch.jit.trace records it and a saved
+// TorchScript model runs it once this library is loaded
+TORCH_LIBRARY(kse, m) {
+  m.def("fused_conv(Tensor x, Tensor kept, Tensor cents, Tensor offsets, Tensor assign, Tensor bias, "
+        "Tensor chunks, int kh, int kw, int ph, int pw) -> Tensor");
+  m.impl("fused_conv", c10::DispatchKey::CPU, TORCH_FN(fused_conv));
+}
 """
 
 _CHUNK_ROWS = 128  # centroid rows per chunk: 128 x 32 floats = 16 KiB of responses
 _lock = threading.Lock()
-_module = None
+_library = None
 _error: Optional[str] = None
 
 
 def _build():
-    global _module, _error
+    global _library, _error
     with _lock:
-        if _module is not None or _error is not None:
-            return _module
+        if _library is not None or _error is not None:
+            return _library
         if os.environ.get("KSE_NO_EXTENSION"):
             _error = "disabled by KSE_NO_EXTENSION"
             return None
@@ -207,19 +214,29 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="kse_fused_v6", cpp_sources=_SOURCE, with_cuda=False,
-                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+            # an operator library, not a Python module: loading it registers torch.ops.kse.fused_conv
+            _library = load_inline(name="kse_fused_v7", cpp_sources=_SOURCE, with_cuda=False, is_python_module=False,
+                                   no_implicit_headers=True,
+                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the stock forms remain
             _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         finally:
             log.removeFilter(no_cuda_note)
-        return _module
+        return _library
 
 
 def available() -> bool:
     """Whether the fused kernel is compiled and usable (builds it on first call)."""
     return _build() is not None
+
+
+def library_path() -> Optional[str]:
+    """The compiled operator library (builds it on first call; ``None`` if it did not build).
+
+    A TorchScript model exported with fused layers calls ``torch.ops.kse.fused_conv``: load this
+    library first, with ``kse.fused.available()`` in Python or ``torch.ops.load_library(path)``."""
+    return _build()
 
 
 def build_error() -> Optional[str]:
@@ -260,8 +277,7 @@ def prepare(layer) -> dict:
 
 def fused_conv(x: Tensor, tensors: dict, kernel_size, padding) -> Tensor:
     """Run the kernel: ``x: [B, C, H, W]`` float32 on the CPU -> ``[B, N, H', W']``."""
-    mod = _build()
-    if mod is None:
+    if _build() is None:
         raise RuntimeError(f"the fused KSE kernel is unavailable ({_error}); use the dense, full or split form")
-    return mod.fused_conv(x, tensors["kept"], tensors["cents"], tensors["offsets"], tensors["assign"],
+    return torch.ops.kse.fused_conv(x, tensors["kept"], tensors["cents"], tensors["offsets"], tensors["assign"],
                           tensors["bias"], tensors["chunks"], kernel_size[0], kernel_size[1], padding[0], padding[1])
