@@ -103,6 +103,19 @@ def _seed(points: Tensor, first: Tensor, uniforms: Tensor) -> Tensor:
     return centroids
 
 
+def _drop_converged(moving: Tensor, idx: Tensor, store: Tensor, cents: Tensor, *rest: Tensor):
+    """One compaction step of the Lloyd loops: ``None`` when no set of the working batch moved
+    (all converged); else the working batch ``(idx, cents, *rest)``, reduced to the sets that
+    moved once a quarter of it has converged (their centroids written back to ``store`` first)."""
+    n_moving = int(moving.sum())
+    if n_moving == 0:
+        return None
+    if n_moving > 0.75 * len(idx):
+        return (idx, cents, *rest)
+    store[idx] = cents
+    return (idx[moving], cents[moving], *(t[moving] for t in rest))
+
+
 def _lloyd(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Lloyd iterations until no assignment changes (or ``iters``); per set, so a set that has
     converged leaves the working batch once a quarter of it has (a converged set is at a fixed
@@ -115,13 +128,10 @@ def _lloyd(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Tenso
     for _ in range(iters):
         assign = _nearest(pts, cents)  # [b, N]
         if prev is not None:
-            moving = (assign != prev).any(1)
-            n_moving = int(moving.sum())
-            if n_moving == 0:
+            working = _drop_converged((assign != prev).any(1), idx, centroids, cents, pts, assign)
+            if working is None:
                 break
-            if n_moving <= 0.75 * len(idx):
-                centroids[idx] = cents
-                idx, pts, cents, assign = idx[moving], pts[moving], cents[moving], assign[moving]
+            idx, cents, pts, assign = working
         prev = assign
         b = len(idx)
         sums = pts.new_zeros(b, q, D).scatter_add_(1, assign.unsqueeze(-1).expand(b, N, D), pts)
@@ -148,14 +158,10 @@ def _lloyd_1d(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Te
         mids = (cents[:, 1:] + cents[:, :-1]) / 2
         new_bounds = torch.searchsorted(xs, mids)  # [b, q - 1]: first point of each next cluster
         if bounds is not None:
-            moving = (new_bounds != bounds).any(1)
-            n_moving = int(moving.sum())
-            if n_moving == 0:
+            working = _drop_converged((new_bounds != bounds).any(1), idx, cents_all, cents, xs, prefix, new_bounds)
+            if working is None:
                 break
-            if n_moving <= 0.75 * len(idx):
-                cents_all[idx] = cents
-                idx, xs, prefix, cents, new_bounds = (idx[moving], xs[moving], prefix[moving], cents[moving],
-                                                      new_bounds[moving])
+            idx, cents, xs, prefix, new_bounds = working
         bounds = new_bounds
         starts = torch.nn.functional.pad(bounds, (1, 0), value=0)
         ends = torch.nn.functional.pad(bounds, (0, 1), value=N)
