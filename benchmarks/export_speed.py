@@ -3,8 +3,9 @@
 round's median, kse.timing.time_interleaved). The compressed model is exported as ``kse export``
 does by default (``--form auto``): for TorchScript the forms measured fastest at that batch size,
 the compiled fused kernel among them (traced once per batch size: a trace keeps the forms of its
-batch size); for ONNX zero kernels for the dropped channels (``full``). Outputs are checked
-against PyTorch (1e-4 relative) first.
+batch size); for ONNX zero kernels for the dropped channels (``full``); both models with
+BatchNorm folded into their convolutions (``--no-fold``: kept). Outputs are checked against
+PyTorch (1e-4 relative) first; "pytorch" times the unfolded eager models.
 
     python benchmarks/export_speed.py --dense checkpoints/resnet56-fmnist.kse \\
         --compressed checkpoints/resnet56-fmnist-g4.kse [--threads 2]
@@ -75,12 +76,15 @@ def main() -> None:
     ap.add_argument("--form", default="auto", choices=["auto", "full", "dense", "fused"],
                     help="KSE layer form to export, as kse export --form (default auto: measured at each batch "
                          "size with the fused kernel among the candidates for TorchScript, full for ONNX)")
+    ap.add_argument("--no-fold", dest="fold", action="store_false",
+                    help="export with the BatchNorm layers kept (kse export --no-fold)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"dense": kse.load(args.dense).eval(), "compressed": kse.load(args.compressed).eval()}
     size = tuple(models["dense"].kse_preprocess["input_size"])
     result = {"benchmark": "export_speed", "dense": args.dense, "compressed": args.compressed, "form": args.form,
+              "batchnorm_folded": args.fold,
               "fused_kernel": fused.available()}
     candidates = INFERENCE_FORMS + (("fused",) if fused.available() else ())
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +99,10 @@ def main() -> None:
                 onnx_forms = {n: "full" if f == "fused" else f for n, f in forms.items()}
             result[f"b{b}_forms_torchscript"] = {f: list(forms.values()).count(f) for f in sorted(set(forms.values()))}
             result[f"b{b}_forms_onnx"] = {f: list(onnx_forms.values()).count(f) for f in sorted(set(onnx_forms.values()))}
-            exported = {name: _export(m, size, Path(tmp), f"{name}_b{b}", b,
-                                      onnx_forms if name == "compressed" else None) for name, m in models.items()}
+            # as kse export does: BatchNorm folded into the convolutions (and a ReLU into KSE layers)
+            folded = {name: kse.fold_batchnorm(m) if args.fold else m for name, m in models.items()}
+            exported = {name: _export(folded[name], size, Path(tmp), f"{name}_b{b}", b,
+                                      onnx_forms if name == "compressed" else None) for name in models}
             x = torch.randn(b, *size, generator=torch.Generator().manual_seed(0))
             kinds = ("pytorch", "onnx", "torchscript")
             fns, keys = [], []

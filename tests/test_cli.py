@@ -162,6 +162,9 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
     # default form auto: measured forms (the compiled kernel among them) for TorchScript, zero
     # kernels for dropped channels for onnxruntime
     assert manifest["exports"]["onnx"]["forms"] == {"full": 18} and manifest["batch_size"] == 1
+    assert manifest["batchnorm_folded"] is True  # by default, into the convolutions
+    onnx = pytest.importorskip("onnx")
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(onnx_file)).graph.node}
     assert sum(manifest["exports"]["torchscript"]["forms"].values()) == 18
     if "fused" in manifest["exports"]["torchscript"]["forms"]:
         assert "kse.fused.available()" in out and "torchscript_needs" in manifest

@@ -16,12 +16,13 @@ from .conv import KSEConv2d, cluster_kernels
 from .indicator import (centroid_counts, kernel_entropy, kernel_sparsity, kse_indicator,
                         official_layout_entropy)
 from .deploy import deploy_
+from .fold import fold_batchnorm
 from .kmeans import batched_kmeans
 from .profile import Profile, profile
 from .serialization import CheckpointError, load, save
 
 __all__ = [
     "CheckpointError", "KSEConfig", "KSEConv2d", "LayerPlan", "Profile", "batched_kmeans", "centroid_counts", "cluster_kernels",
-    "compress", "compress_", "deploy_", "kernel_entropy", "kernel_sparsity", "kse_indicator",
+    "compress", "compress_", "deploy_", "fold_batchnorm", "kernel_entropy", "kernel_sparsity", "kse_indicator",
     "load", "official_layout_entropy", "plan", "profile", "save",
 ]

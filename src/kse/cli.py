@@ -946,6 +946,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         forms = deploy_(model, form=args.form, input_size=input_size) if args.form != "auto" else \
             _deploy_cpu(model, input_size, (args.batch_size,), fused=True, command="export")
     model.eval()
+    exported, folded = model, False
+    if args.fold:
+        from .fold import fold_batchnorm
+
+        try:  # the check below compares the folded model's files with the unfolded model's outputs
+            exported, folded = fold_batchnorm(model), True
+            layers = _kse_layers(exported)
+        except ValueError as exc:
+            _stage("export", f"note: BatchNorm not folded ({exc})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_args(args, out)
@@ -968,7 +977,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             layers[n].set_form(f)
         # written to a temporary file, checked, then renamed: a failed export leaves no file behind
         with atomic_path(target) as tmp:
-            diff = _export_and_check(model, fmt, tmp, example, check, ref)
+            diff = _export_and_check(exported, fmt, tmp, example, check, ref)
             if not diff <= tolerance:
                 raise CLIError(f"{fmt} export does not match PyTorch: max relative difference {diff:.3g} > "
                                f"{tolerance:g} (nothing written)")
@@ -978,7 +987,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {target} (verified: max relative difference {diff:.2e} on a batch of {len(check)})")
     manifest = {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "input_size": list(input_size),
                 "preprocess": model.kse_preprocess, "forms": _form_counts(forms), "tolerance": tolerance,
-                "batch_size": args.batch_size, "exports": verified, "input_name": "input", "output_name": "logits"}
+                "batch_size": args.batch_size, "batchnorm_folded": folded, "exports": verified, "input_name": "input", "output_name": "logits"}
     if "fused" in forms_of.get("torchscript", {}):
         manifest["torchscript_needs"] = ("the kse operator library: `import kse.fused; kse.fused.available()` "
                                          "before torch.jit.load (or torch.ops.load_library(kse.fused.library_path()))")
@@ -1008,7 +1017,11 @@ def _add_export(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size the forms are chosen for and the TorchScript trace runs at (default 1); "
                         "the exported batch axis stays dynamic")
-    p.set_defaults(func=cmd_export, _defaults=dict(format=["onnx", "torchscript"], form="auto", batch_size=1))
+    p.add_argument("--no-fold", dest="fold", action="store_false", default=None,
+                   help="keep BatchNorm layers (default: fold each into the convolution before it, and a ReLU "
+                        "after it into a KSE layer, with kse.fold_batchnorm)")
+    p.set_defaults(func=cmd_export, _defaults=dict(format=["onnx", "torchscript"], form="auto", batch_size=1,
+                                                   fold=True))
 
 
 # ----------------------------------------------------------------------------- bench

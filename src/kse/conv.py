@@ -224,6 +224,7 @@ class KSEConv2d(nn.Module):
         self.form = "train"
         self._batch_forms: List[Tuple[int, str]] = [(1, "train")]
         self._deploy: dict = {}
+        self._epilogue: Optional[Tuple[Tensor, Tensor, bool]] = None  # inference only: see set_epilogue
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
 
     # ------------------------------------------------------------------ construction
@@ -339,8 +340,8 @@ class KSEConv2d(nn.Module):
             weight = gather_elements(self.centroids.reshape(-1, kh * kw), self._train_index(full, cl))
             weight = (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if cl
                       else weight.view(self.out_channels, -1, kh, kw))
-            return F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding,
-                            self.dilation)
+            return self._finish(F.conv2d(x if full else self._select(x), weight, self.bias, self.stride,
+                                         self.padding, self.dilation))
         self._refresh()
         form = self._form_for_batch(x.shape[0])
         d = self._deploy[form]
@@ -352,9 +353,10 @@ class KSEConv2d(nn.Module):
             if x.device.type == "cpu" and x.dtype == torch.float32:
                 return fused.fused_conv(x, d, self.kernel_size, self.padding)
             inputs, weight = self._select(x), self.clustered_weight().to(x.dtype)  # another device / dtype
-            return F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation)
+            return self._finish(F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation))
         inputs = x if form == "full" else self._select(x)
-        return F.conv2d(inputs, d["weight"], self.bias, self.stride, self.padding, self.dilation)
+        out = F.conv2d(inputs, d["weight"], d["bias"], self.stride, self.padding, self.dilation)
+        return F.relu(out) if self._epilogue is not None and self._epilogue[2] else out
 
     def _form_for_batch(self, batch: int) -> str:
         """The form measured at the batch size nearest to ``batch`` (geometrically)."""
@@ -363,6 +365,42 @@ class KSEConv2d(nn.Module):
             if batch * batch <= b0 * b1:
                 return f0
         return sizes[-1][1]
+
+    def set_epilogue(self, scale: Optional[Tensor], shift: Optional[Tensor] = None, relu: bool = False) -> "KSEConv2d":
+        """Inference: the layer outputs ``relu?(scale * conv(x) + shift)`` (per output channel),
+        e.g. with a following eval-mode BatchNorm (and ReLU) folded in, as :func:`kse.fold_batchnorm`
+        does; ``scale=None`` removes it. The dense and full forms fold it into their weight, the
+        fused kernel applies it as it writes its outputs; a layer with an epilogue cannot be
+        saved (fold a copy, after saving)."""
+        if scale is None:
+            self._epilogue = None
+        else:
+            n = self.out_channels
+            scale = torch.as_tensor(scale).detach().reshape(-1)
+            shift = torch.zeros(n) if shift is None else torch.as_tensor(shift).detach().reshape(-1)
+            if len(scale) != n or len(shift) != n:
+                raise ValueError(f"scale and shift need {n} values (one per output channel), "
+                                 f"got {len(scale)} and {len(shift)}")
+            p = self.centroids
+            self._epilogue = (scale.to(p.device, p.dtype), shift.to(p.device, p.dtype), bool(relu))
+        return self.set_form(self.form)
+
+    def _affine(self) -> Tuple[Tensor, Tensor]:
+        """``(s, b)`` with the layer's output ``= s * (conv without bias) + b`` (epilogue included)."""
+        n, p = self.out_channels, self.centroids
+        bias = self.bias.detach() if self.bias is not None else p.new_zeros(n)
+        if self._epilogue is None:
+            return p.new_ones(n), bias
+        scale, shift, _ = self._epilogue
+        return scale, scale * bias + shift
+
+    def _finish(self, out: Tensor) -> Tensor:
+        """The epilogue, applied to the output of a form that did not fold it in."""
+        if self._epilogue is None:
+            return out
+        scale, shift, relu = self._epilogue
+        out = out * scale.view(1, -1, 1, 1).to(out.dtype) + shift.view(1, -1, 1, 1).to(out.dtype)
+        return F.relu(out) if relu else out
 
     def _forward_split(self, x: Tensor, d: dict) -> Tensor:
         """Paper Fig. 2: per-channel centroid convolution, then channel fusion by index."""
@@ -375,7 +413,7 @@ class KSEConv2d(nn.Module):
         out = F.conv2d(maps, d["fusion"])  # 0/1 fusion matrix as a 1x1 conv
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return self._finish(out)
 
     # ------------------------------------------------------------------ deployment
     def set_form(self, form: str) -> "KSEConv2d":
@@ -401,10 +439,13 @@ class KSEConv2d(nn.Module):
         self._deploy["version"] = self.centroids._version
         with torch.no_grad():
             for f in dict.fromkeys(f for _, f in entries):
-                if f == "dense":
-                    self._deploy[f] = {"weight": self.clustered_weight().contiguous()}
-                elif f == "full":
-                    self._deploy[f] = {"weight": self.to_conv().weight.detach()}
+                if f in ("dense", "full"):
+                    weight = self.clustered_weight().contiguous() if f == "dense" else self.to_conv().weight.detach()
+                    bias = self.bias
+                    if self._epilogue is not None:  # y = s * conv(x) + t, folded into the weight
+                        scale, shift = self._affine()
+                        weight, bias = weight * scale.view(-1, 1, 1, 1), shift
+                    self._deploy[f] = {"weight": weight, "bias": bias}
                 elif f == "fused":
                     from . import fused
 
@@ -435,6 +476,9 @@ class KSEConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):  # keep cached deploy tensors on the module's device/dtype
         super()._apply(fn, recurse)
+        if self._epilogue is not None:
+            scale, shift, relu = self._epilogue
+            self._epilogue = (fn(scale), fn(shift), relu)
         if self.form != "train":
             self.set_form(self.form)
         return self

@@ -3,7 +3,7 @@
 The paper's split form, in one pass over each tile of 32 output pixels:
 
     r[c, j]  = sum_{i, k} x[c, p + tap(i, k)] * B_c[j][i, k]     (2D part: q_c centroids of channel c)
-    y[n]     = bias[n] + sum_{c kept} r[c, idx_c[n]]              (fusion: one add per kept channel)
+    y[n]     = s[n] * sum_{c kept} r[c, idx_c[n]] + b[n]         (fusion: one add per kept channel)
 
 so it costs ``sum_c q_c * kh * kw`` multiply-adds plus ``N * C_kept`` adds per pixel, against
 ``N * C * kh * kw`` for the dense convolution. The kept channels are taken in chunks whose
@@ -79,11 +79,11 @@ static void tile_centroids(const float* xp, int64_t plane, int64_t t0, const int
 // so that 2 * NB independent accumulators hide the latency of the adds
 template <int NB>
 static inline void fuse_block(float* g, int64_t Tp, const int32_t* const* an, int c0, int c1, const float* R,
-                              const float* bias, bool first) {
+                              bool first) {
   v16 acc[NB][V];
   for (int j = 0; j < NB; ++j)
     for (int v = 0; v < V; ++v)
-      acc[j][v] = first ? (v16){} + bias[j] : load(g + j * Tp + v * L);
+      acc[j][v] = first ? (v16){} : load(g + j * Tp + v * L);
   for (int c = c0; c < c1; ++c)
     for (int j = 0; j < NB; ++j) {
       const float* r = R + (int64_t)an[j][c] * TL;
@@ -94,8 +94,8 @@ static inline void fuse_block(float* g, int64_t Tp, const int32_t* const* an, in
 }
 
 at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tensor offsets,
-                         at::Tensor assign, at::Tensor bias, at::Tensor chunks,
-                         int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
+                      at::Tensor assign, at::Tensor scale, at::Tensor bias, at::Tensor chunks,
+                      int64_t kh, int64_t kw, int64_t ph, int64_t pw, bool relu) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be float32 [B, C, H, W]");
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -134,6 +134,7 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
   const int32_t* as = assign.data_ptr<int32_t>();
   const int32_t* ch = chunks.data_ptr<int32_t>();
   const float* bs = bias.data_ptr<float>();
+  const float* ss = scale.data_ptr<float>();
   float* ys = out.data_ptr<float>();
   int max_rows = 0;
   for (int k = 0; k < nchunks; ++k) max_rows = std::max(max_rows, os[ch[k + 1]] - os[ch[k]]);
@@ -158,21 +159,27 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
         for (; n + 4 <= N; n += 4) {
           const int32_t* an[4] = {as + (int64_t)n * K, as + (int64_t)(n + 1) * K, as + (int64_t)(n + 2) * K,
                                   as + (int64_t)(n + 3) * K};
-          fuse_block<4>(gb + n * TL, TL, an, c0, c1, Rr, bs + n, k == 0);
+          fuse_block<4>(gb + n * TL, TL, an, c0, c1, Rr, k == 0);
         }
         for (; n < N; ++n) {
           const int32_t* an[1] = {as + (int64_t)n * K};
-          fuse_block<1>(gb + n * TL, TL, an, c0, c1, Rr, bs + n, k == 0);
+          fuse_block<1>(gb + n * TL, TL, an, c0, c1, Rr, k == 0);
         }
       }
-      // the tile's valid pixels -> out[b, :, h, w]: runs of columns < Wo of the rows it covers
+      // the tile's valid pixels -> out[b, :, h, w] = scale * sum + bias (then ReLU): runs of
+      // columns < Wo of the rows it covers
       for (int64_t p = t0; p < std::min(t0 + TL, T);) {
         const int64_t h = p / Wp, w = p % Wp, run = std::min(Wp - w, t0 + TL - p);
         if (w < Wo) {
           const int64_t len = std::min(run, Wo - w);
           float* dst = ys + (b * N * Ho + h) * Wo + w;
-          for (int n = 0; n < N; ++n)
-            std::memcpy(dst + (int64_t)n * Ho * Wo, gb + (int64_t)n * TL + (p - t0), len * sizeof(float));
+          for (int n = 0; n < N; ++n) {
+            const float* src = gb + (int64_t)n * TL + (p - t0);
+            float* d = dst + (int64_t)n * Ho * Wo;
+            const float sn = ss[n], bn = bs[n];
+            if (relu) for (int64_t i = 0; i < len; ++i) d[i] = std::max(src[i] * sn + bn, 0.f);
+            else for (int64_t i = 0; i < len; ++i) d[i] = src[i] * sn + bn;
+          }
         }
         p += run;
       }
@@ -184,8 +191,8 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
 // an operator (torch.ops.kse.fused_conv), so that torch.jit.trace records it and a saved
 // TorchScript model runs it once this library is loaded
 TORCH_LIBRARY(kse, m) {
-  m.def("fused_conv(Tensor x, Tensor kept, Tensor cents, Tensor offsets, Tensor assign, Tensor bias, "
-        "Tensor chunks, int kh, int kw, int ph, int pw) -> Tensor");
+  m.def("fused_conv(Tensor x, Tensor kept, Tensor cents, Tensor offsets, Tensor assign, Tensor scale, "
+        "Tensor bias, Tensor chunks, int kh, int kw, int ph, int pw, bool relu) -> Tensor");
   m.impl("fused_conv", c10::DispatchKey::CPU, TORCH_FN(fused_conv));
 }
 """
@@ -215,7 +222,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # an operator library, not a Python module: loading it registers torch.ops.kse.fused_conv
-            _library = load_inline(name="kse_fused_v7", cpp_sources=_SOURCE, with_cuda=False, is_python_module=False,
+            _library = load_inline(name="kse_fused_v8", cpp_sources=_SOURCE, with_cuda=False, is_python_module=False,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
@@ -257,7 +264,8 @@ def prepare(layer) -> dict:
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0).to(torch.int32)
     kh, kw = layer.kernel_size
-    bias = layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_channels)
+    scale, bias = layer._affine()  # outputs = scale * sum + bias (a folded BatchNorm, or 1 and the bias)
+    relu = layer._epilogue is not None and layer._epilogue[2]
     # chunks of consecutive kept channels with at most _CHUNK_ROWS centroid rows (their
     # responses for one tile, rows x 128 bytes, stay in the L1 cache during the fusion)
     starts, rows = [0], 0
@@ -272,7 +280,7 @@ def prepare(layer) -> dict:
             "cents": layer.centroids.detach().reshape(-1, kh * kw).float().contiguous(),
             "offsets": offsets.contiguous(),
             "assign": layer.assignment.t().to(torch.int32).contiguous(),
-            "bias": bias.float().contiguous()}
+            "scale": scale.float().cpu().contiguous(), "bias": bias.float().cpu().contiguous(), "relu": relu}
 
 
 def fused_conv(x: Tensor, tensors: dict, kernel_size, padding) -> Tensor:
@@ -280,4 +288,5 @@ def fused_conv(x: Tensor, tensors: dict, kernel_size, padding) -> Tensor:
     if _build() is None:
         raise RuntimeError(f"the fused KSE kernel is unavailable ({_error}); use the dense, full or split form")
     return torch.ops.kse.fused_conv(x, tensors["kept"], tensors["cents"], tensors["offsets"], tensors["assign"],
-                          tensors["bias"], tensors["chunks"], kernel_size[0], kernel_size[1], padding[0], padding[1])
+                                    tensors["scale"], tensors["bias"], tensors["chunks"], kernel_size[0],
+                                    kernel_size[1], padding[0], padding[1], tensors["relu"])

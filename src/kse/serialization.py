@@ -142,6 +142,10 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     if not arch or "name" not in arch:
         raise ValueError("cannot save a model without its architecture: build it with kse.models.get_model(...) "
                          "or pass arch={'name': ..., 'kwargs': {...}}")
+    folded = [n for n, m in model.named_modules() if type(m) is KSEConv2d and m._epilogue is not None]
+    if folded:
+        raise ValueError(f"cannot save a model with BatchNorm folded into KSE layers ({folded[0]}, ...): a folded "
+                         "model is for inference and export only; save the model before kse.fold_batchnorm")
     reference = get_model(arch["name"], **arch.get("kwargs", {}))
     ref_modules = dict(reference.named_modules())
     modules: Dict[str, Any] = {}
