@@ -7,6 +7,7 @@ For each model and setting, at each batch size, prints (one JSON object):
 * ``kse_ms``: the compressed model after ``kse.deploy_(form="auto")`` at the batch sizes below
   (forms per batch size); each the best of 10 interleaved rounds (``kse.timing.time_interleaved``;
   ``cpu_steal_s``: CPU time the hypervisor gave other guests meanwhile);
+* with ``--fold``, all three with BatchNorm folded into their convolutions (``kse.fold_batchnorm``);
 * ``mac_ratio_pruned`` (dense MACs / pruned-structure MACs) and ``mac_ratio_paper`` (dense /
   KSE MACs in the paper's accounting), and ``latency_ratio`` = dense_ms / kse_ms;
 * ``goal_no_slower`` (kse_ms <= dense_ms) and ``goal_pruned_ratio``
@@ -71,7 +72,8 @@ def cpu_steal_s() -> float:
 
 
 def bench_model(name: str, model: nn.Module, input_size, settings, batches, repeats: int,
-                forms=("dense", "full", "split"), device: str = "cpu", layer_table: bool = True) -> list:
+                forms=("dense", "full", "split"), device: str = "cpu", layer_table: bool = True,
+                fold: bool = False) -> list:
     results = []
     model = model.to(device)
     dense_macs = kse.profile(model, input_size).macs
@@ -82,14 +84,17 @@ def bench_model(name: str, model: nn.Module, input_size, settings, batches, repe
         kse.deploy_(pruned, form="dense")
         paper = kse.profile(small, input_size).macs
         chosen = kse.deploy_(small, form="auto", input_size=input_size, candidates=forms, batch_size=batches)
-        row = {"forms": {f: list(chosen.values()).count(f) for f in sorted(set(chosen.values()))},"model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
-               "mac_ratio_paper": dense_macs / paper, "batches": {}}
+        row = {"forms": {f: list(chosen.values()).count(f) for f in sorted(set(chosen.values()))},
+               "model": name, "setting": setting, "mac_ratio_pruned": dense_macs / pruned_macs(pruned, input_size),
+               "mac_ratio_paper": dense_macs / paper, "batchnorm_folded": fold, "batches": {}}
+        # --fold: all three with BatchNorm folded into their convolutions (kse.fold_batchnorm)
+        timed = tuple(kse.fold_batchnorm(m) if fold else m for m in (model, pruned, small))
         for b in batches:
             x = torch.randn(b, *input_size, device=device)
             steal = cpu_steal_s()
             with torch.no_grad():
                 t_dense, t_pruned, t_kse = (t["median_ms"] for t in time_interleaved(
-                    (model, pruned, small), x, rounds=10, repeats=max(repeats // 10, 1)))
+                    timed, x, rounds=10, repeats=max(repeats // 10, 1)))
             steal = cpu_steal_s() - steal
             ratio = t_dense / t_kse
             row["batches"][b] = {"dense_ms": round(t_dense, 3), "pruned_ms": round(t_pruned, 3),
@@ -148,6 +153,8 @@ def main() -> None:
                     help="stock forms deploy_ measures (split is slow to time on large layers)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--no-layers", action="store_true", help="whole models only (skip the per-layer table)")
+    ap.add_argument("--fold", action="store_true",
+                    help="time the whole models with BatchNorm folded into their convolutions (kse.fold_batchnorm)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +172,7 @@ def main() -> None:
             size = INPUT[name]
         forms = tuple(args.forms) + (("fused",) if args.fused else ())
         out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms,
-                                   args.device, not args.no_layers)
+                                   args.device, not args.no_layers, args.fold)
     print(json.dumps(out, indent=1))
 
 
