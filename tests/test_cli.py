@@ -223,6 +223,9 @@ def test_demo_on_a_fake_checkpoint(work, baseline):
     assert comp["file_bytes"] < base["file_bytes"]
     assert 0 <= comp["top1"] <= 100 and 0 <= comp["top1_before_finetune"] <= 100
     assert set(comp["latency_ms"]) == {"1", "64"} and all(v > 0 for v in comp["latency_ms"].values())
+    # and both models with BatchNorm folded, as exported
+    assert "CPU latency, batch 1, BatchNorm folded (ms)" in out
+    assert set(comp["latency_folded_ms"]) == set(base["latency_folded_ms"]) == {"1", "64"}
     # forms chosen per batch size (the fused kernel among the candidates); every layer runs one at each size
     assert set(comp["forms_by_batch"]) == {"1", "64"}
     assert all(sum(f.values()) == 18 and set(f) <= {"dense", "full", "split", "fused"}

@@ -1310,13 +1310,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      f"interleaved rounds of {max(args.repeats // 10, 1)} runs)")
     latency, forms_by_batch = {}, {}
     layers = _kse_layers(model)
+    timed = {"baseline": baseline.eval(), "kse": model.eval()}
+    try:  # both also as deployed for inference: BatchNorm folded into the convolutions
+        from .fold import fold_batchnorm
+
+        timed.update(baseline_folded=fold_batchnorm(baseline), kse_folded=fold_batchnorm(model))
+    except ValueError as exc:
+        _stage("demo", f"      note: BatchNorm not folded ({exc})")
     for b in (1, 64):
         forms_by_batch[b] = _form_counts({n: m._form_for_batch(b) for n, m in layers.items()})
         x = torch.randn(b, *input_size, generator=torch.Generator().manual_seed(b))
         with torch.no_grad():
-            t_base, t_kse = time_interleaved((baseline.eval(), model.eval()), x, rounds=10,
-                                             repeats=max(args.repeats // 10, 1))
-        latency[b] = {"baseline": t_base, "kse": t_kse}
+            times = time_interleaved(list(timed.values()), x, rounds=10, repeats=max(args.repeats // 10, 1))
+        latency[b] = dict(zip(timed, times))
     stage.close()
 
     rows = layer_summary(plans)
@@ -1333,20 +1339,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ["MACs", fmt_count(prof_base.macs), fmt_count(prof_kse.macs), fmt_ratio(prof_base.macs, prof_kse.macs)],
         ["file size", fmt_bytes(sizes[0]), fmt_bytes(sizes[1]), fmt_ratio(*sizes)],
     ]
-    for b in (1, 64):
-        base_ms, kse_ms = latency[b]["baseline"]["median_ms"], latency[b]["kse"]["median_ms"]
-        table.append([f"CPU latency, batch {b} (ms)", f"{base_ms:.2f}", f"{kse_ms:.2f}", fmt_ratio(base_ms, kse_ms)])
+    for suffix, label in (("", ""), ("_folded", ", BatchNorm folded")):
+        for b in (1, 64) if "baseline" + suffix in timed else ():
+            base_ms, kse_ms = latency[b]["baseline" + suffix]["median_ms"], latency[b]["kse" + suffix]["median_ms"]
+            table.append([f"CPU latency, batch {b}{label} (ms)", f"{base_ms:.2f}", f"{kse_ms:.2f}",
+                          fmt_ratio(base_ms, kse_ms)])
     headers = ["", "baseline", f"KSE G={args.G}", "ratio / change"]
     report = {
         "checkpoint": str(path), "arch": baseline.kse_arch.get("name"), "dataset": name,
         "kse_config": model.kse_config, "test_images": acc_base["count"],
         "baseline": {"top1": acc_base["top1"], "top5": acc_base["top5"], "params": prof_base.params,
                      "macs": prof_base.macs, "file_bytes": sizes[0],
-                     "latency_ms": {str(b): latency[b]["baseline"]["median_ms"] for b in latency}},
+                     "latency_ms": {str(b): latency[b]["baseline"]["median_ms"] for b in latency},
+                     "latency_folded_ms": {str(b): latency[b]["baseline_folded"]["median_ms"]
+                                           for b in latency if "baseline_folded" in latency[b]}},
         "compressed": {"top1": acc_kse["top1"], "top5": acc_kse["top5"], "top1_before_finetune": acc_compressed["top1"],
                        "top5_before_finetune": acc_compressed["top5"], "params": prof_kse.params,
                        "macs": prof_kse.macs, "fusion_adds": prof_kse.fusion_adds, "file_bytes": sizes[1],
                        "latency_ms": {str(b): latency[b]["kse"]["median_ms"] for b in latency},
+                       "latency_folded_ms": {str(b): latency[b]["kse_folded"]["median_ms"]
+                                             for b in latency if "kse_folded" in latency[b]},
                        "forms": _form_counts(forms), "forms_by_batch": {str(b): f for b, f in forms_by_batch.items()}},
         "finetune": finetune, "threads": torch.get_num_threads(), "latency_repeats": args.repeats,
         "layers": [{k: v for k, v in r.items() if k != "indicator"} for r in rows], "totals": summary_totals(rows),
@@ -1366,7 +1378,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"MACs follow the paper's deployment accounting (KSE.md §7): the centroid convolutions; the channel-fusion "
         f"additions ({fmt_count(prof_kse.fusion_adds)}) are not included. Latency is measured on the forms "
         f"that ran fastest here (`fused`: this package's compiled kernel), so it need not shrink as much as the "
-        f"MACs.", "",
+        f"MACs. \"BatchNorm folded\": both models as deployed for inference (`kse.fold_batchnorm`, what "
+        f"`kse export` does), each BatchNorm folded into the convolution before it.", "",
         f"{report['totals']['layers']} layers compressed: input channels kept {report['totals']['kept']}/"
         f"{report['totals']['in_channels']}, {report['totals']['centroids']} centroids for "
         f"{report['totals']['kernels']} kernels ({report['totals']['ratio']:.2f}x).", "",
