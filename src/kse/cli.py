@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -130,6 +130,20 @@ def _init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def _run_distributed(job: Callable[[], int]) -> int:
+    """Run ``job`` in the process group, then tear the group down once every rank is done: a
+    rank that left first made its peer abort in gloo's teardown ("terminate called without an
+    active exception", about one run in six of tests/test_distributed.py)."""
+    import torch.distributed as dist
+
+    try:
+        rc = job()
+        dist.barrier()
+        return rc
+    finally:
+        dist.destroy_process_group()
+
+
 def _wrap_ddp(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -196,13 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.sync_bn:
             print("kse train: note: --sync-bn has no effect in a single process", file=sys.stderr)
         return _train(args, device, distributed=False)
-    import torch.distributed as dist
-
     device = _init_distributed(device)
-    try:
-        return _train(args, device, distributed=True)
-    finally:
-        dist.destroy_process_group()
+    return _run_distributed(lambda: _train(args, device, distributed=True))
 
 
 def _pretrained_weights(arch: str, weights: Optional[str]) -> Optional[str]:
@@ -721,13 +730,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if _world_size() <= 1:
         return _finetune(args, path, cfg, device, distributed=False)
-    import torch.distributed as dist
-
     device = _init_distributed(device)
-    try:
-        return _finetune(args, path, cfg, device, distributed=True)
-    finally:
-        dist.destroy_process_group()
+    return _run_distributed(lambda: _finetune(args, path, cfg, device, distributed=True))
 
 
 def _finetune(args: argparse.Namespace, path: Path, cfg, device: torch.device, distributed: bool) -> int:
