@@ -122,3 +122,15 @@ def test_deploy_auto_on_cuda_and_round_trip_through_a_file(tmp_path):
     assert {n: m.form for n, m in back.named_modules() if isinstance(m, KSEConv2d)} == chosen
     with torch.no_grad():
         _close(back(x), ref, 1e-5)
+
+
+@pytest.mark.parametrize("form", INFERENCE_FORMS)
+def test_folded_batchnorm_on_cuda_equals_the_unfolded_model(form):
+    small = kse.compress(_net(), kse.KSEConfig(G=4, input_size=(1, 28, 28))).to(CUDA).eval()
+    kse.deploy_(small, form=form)
+    folded = kse.fold_batchnorm(small)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(m._epilogue[0].is_cuda for m in folded.modules() if isinstance(m, KSEConv2d))
+    x = torch.randn(3, 1, 28, 28, device=CUDA)
+    with torch.no_grad():
+        _close(folded(x), small(x))
