@@ -127,6 +127,13 @@ def test_deploy_auto_on_cuda_and_round_trip_through_a_file(tmp_path):
 @pytest.mark.parametrize("form", INFERENCE_FORMS)
 def test_folded_batchnorm_on_cuda_equals_the_unfolded_model(form):
     small = kse.compress(_net(), kse.KSEConfig(G=4, input_size=(1, 28, 28))).to(CUDA).eval()
+    g = torch.Generator().manual_seed(0)
+    for bn in (m for m in small.modules() if isinstance(m, nn.BatchNorm2d)):  # away from the identity
+        n = bn.num_features
+        bn.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
     kse.deploy_(small, form=form)
     folded = kse.fold_batchnorm(small)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
