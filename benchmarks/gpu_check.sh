@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step pytest_cuda 100 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_deploy.py tests/test_conv.py
 step latency 130 $py benchmarks/latency.py --device cuda --models resnet56 resnet50 --repeats 30 --no-layers
-step train_step 40 $py benchmarks/train_step.py --device cuda --batch-size 256 --steps 10
+step train_step 60 $py benchmarks/train_step.py --device cuda --batch-size 256 --steps 10 --profile
 step compress_speed 40 $py benchmarks/compress_speed.py --device cuda --layers 1
 if [ -n "${KSE_DATA:-}" ]; then DATA=(--dataset fashion-mnist); else DATA=(--dataset fake); fi
 step cli_compress 40 $py -m kse compress --checkpoint checkpoints/resnet56-fmnist.kse --G 4 --out "$OUT_DIR/g4.kse"
