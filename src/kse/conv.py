@@ -330,10 +330,9 @@ class KSEConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.form == "train" or (self.training and torch.is_grad_enabled()):
-            # training always rebuilds W' from the centroids, whatever the
-            # inference form. With few channels dropped, gathering the input (and scattering its
-            # gradient) costs more than it saves: all channels are convolved, dropped ones with
-            # zero kernels
+            # training always rebuilds W' from the centroids, whatever the inference form. With
+            # few channels dropped, gathering the input (and scattering its gradient) costs more
+            # than it saves: all channels are convolved, dropped ones with zero kernels
             full = len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels
             cl = _is_channels_last(x)
             kh, kw = self.kernel_size
