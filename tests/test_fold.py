@@ -86,12 +86,14 @@ def test_folded_model_cannot_be_saved(tmp_path):
     assert not (tmp_path / "m.kse").exists()
 
 
-def test_untraceable_model_is_one_clear_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+class _ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
 
+
+def test_untraceable_model_is_one_clear_error():
+    class Branchy(_ConvBN):
         def forward(self, x):
             return self.bn(self.conv(x)) if x.sum() > 0 else x
 
@@ -100,11 +102,7 @@ def test_untraceable_model_is_one_clear_error():
 
 
 def test_bn_read_twice_is_not_folded():
-    class TwoReaders(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
-
+    class TwoReaders(_ConvBN):
         def forward(self, x):
             y = self.conv(x)
             return self.bn(y) + y  # the conv's raw output is read elsewhere: folding would change it
