@@ -113,3 +113,21 @@ def test_bn_read_twice_is_not_folded():
     x = torch.randn(2, 1, 6, 6)
     with torch.no_grad():
         assert_same_function(folded(x), model(x))
+
+
+def test_module_called_twice_is_not_folded():
+    class Shared(_ConvBN):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(2)
+
+        def forward(self, x):  # one conv, two BatchNorms: folding either would change the other call
+            return self.bn(self.conv(x)) + self.bn2(self.conv(x))
+
+    model = _randomize_bn(Shared()).eval()
+    folded = fold_batchnorm(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 2
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        assert_same_function(folded(x), model(x))

@@ -9,8 +9,8 @@ dense and full forms fold it into their weight, the fused kernel applies it (and
 writes each output. Two operations per layer fewer, which matters most at small batch sizes.
 
 The model is traced with ``torch.fx`` (KSE layers as leaves); a BatchNorm is folded only when
-its input is a convolution read by nothing else, and a ReLU only into a KSE layer whose
-BatchNorm was folded and whose result only that ReLU reads.
+its input is a convolution read by nothing else and both are called from one place only, and a
+ReLU only into a KSE layer whose BatchNorm was folded and whose result only that ReLU reads.
 """
 
 from __future__ import annotations
@@ -66,13 +66,18 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
     gm = fx.GraphModule(model, graph)
     modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}  # a module called from several places keeps its own function
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         bn = modules.get(node.target) if node.op == "call_module" else None
         if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or len(node.args) != 1:
             continue
         src = node.args[0]
         conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if type(conv) not in (nn.Conv2d, KSEConv2d) or len(src.users) != 1 or conv.out_channels != bn.num_features:
+        if (type(conv) not in (nn.Conv2d, KSEConv2d) or len(src.users) != 1 or conv.out_channels != bn.num_features
+                or calls[src.target] != 1 or calls[node.target] != 1):
             continue
         if type(conv) is nn.Conv2d:
             set_module(gm, src.target, fuse_conv_bn_eval(conv, bn))
