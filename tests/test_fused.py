@@ -161,3 +161,27 @@ def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert lines[0] == "refused" and lines[1].startswith("max diff")
     assert float(lines[1].split()[-1]) < 1e-5
+
+
+def test_operator_checks_its_indices():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = KSEConv2d.from_conv(conv, torch.tensor([2, 0, 6, 3])).eval().set_form("fused")
+    d = dict(layer._deploy["fused"])
+    x = torch.randn(1, 4, 5, 5)
+
+    def run(**change):
+        t = {**d, **change}
+        return torch.ops.kse.fused_conv(x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"], t["bias"],
+                                        t["chunks"], 3, 3, 1, 1, False)
+
+    torch.testing.assert_close(run(), layer(x))
+    bad_assign = d["assign"].clone()
+    bad_assign[0, 0] = int(d["offsets"][-1]) + 5  # a row past the centroid table
+    cases = {"kept channel out of range": dict(kept=torch.tensor([0, 2, 9])),
+             "one of channel c's centroid rows": dict(assign=bad_assign),
+             "offsets must run from 0 to M": dict(offsets=d["offsets"] + 1),
+             "scale and bias must be float32": dict(scale=torch.ones(5)),
+             "assign must be int32": dict(assign=d["assign"].long())}
+    for message, change in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            run(**change)

@@ -93,10 +93,47 @@ static inline void fuse_block(float* g, int64_t Tp, const int32_t* const* an, in
     for (int v = 0; v < V; ++v) store(g + j * Tp + v * L, acc[j][v]);
 }
 
+// the operator is public (torch.ops.kse.fused_conv): every index is checked before the kernel
+// trusts it, so that wrong tensors give an error instead of reads out of bounds
+static void check_inputs(const at::Tensor& x, const at::Tensor& kept, const at::Tensor& cents,
+                         const at::Tensor& offsets, const at::Tensor& assign, const at::Tensor& scale,
+                         const at::Tensor& bias, const at::Tensor& chunks, int64_t kh, int64_t kw, int64_t ph,
+                         int64_t pw) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "fused_conv: x must be a float32 CPU tensor [B, C, H, W]");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && ph >= 0 && pw >= 0, "fused_conv: kernel sizes >= 1 and paddings >= 0 needed");
+  auto is = [](const at::Tensor& t, at::ScalarType type, int64_t dim) {
+    return t.scalar_type() == type && t.dim() == dim && t.is_contiguous() && t.device().is_cpu();
+  };
+  TORCH_CHECK(is(kept, at::kLong, 1) && kept.size(0) >= 1, "fused_conv: kept must be int64 [K], K >= 1");
+  const int64_t K = kept.size(0), C = x.size(1);
+  TORCH_CHECK(is(cents, at::kFloat, 2) && cents.size(1) == kh * kw, "fused_conv: cents must be float32 [M, kh * kw]");
+  TORCH_CHECK(is(offsets, at::kInt, 1) && offsets.size(0) == K + 1, "fused_conv: offsets must be int32 [K + 1]");
+  TORCH_CHECK(is(assign, at::kInt, 2) && assign.size(1) == K, "fused_conv: assign must be int32 [N, K]");
+  const int64_t N = assign.size(0);
+  TORCH_CHECK(is(scale, at::kFloat, 1) && scale.size(0) == N && is(bias, at::kFloat, 1) && bias.size(0) == N,
+              "fused_conv: scale and bias must be float32 [N]");
+  TORCH_CHECK(is(chunks, at::kInt, 1) && chunks.size(0) >= 2, "fused_conv: chunks must be int32 [n + 1]");
+  const int64_t* kp = kept.data_ptr<int64_t>();
+  for (int64_t c = 0; c < K; ++c) TORCH_CHECK(kp[c] >= 0 && kp[c] < C, "fused_conv: kept channel out of range");
+  const int32_t* os = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(os[0] == 0 && os[K] == cents.size(0), "fused_conv: offsets must run from 0 to M");
+  for (int64_t c = 0; c < K; ++c) TORCH_CHECK(os[c] < os[c + 1], "fused_conv: every kept channel needs a centroid");
+  const int32_t* as = assign.data_ptr<int32_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < K; ++c)
+      TORCH_CHECK(as[n * K + c] >= os[c] && as[n * K + c] < os[c + 1],
+                  "fused_conv: assign[n, c] must be one of channel c's centroid rows");
+  const int32_t* ch = chunks.data_ptr<int32_t>();
+  const int64_t nch = chunks.size(0) - 1;
+  TORCH_CHECK(ch[0] == 0 && ch[nch] == K, "fused_conv: chunks must run from 0 to K");
+  for (int64_t k = 0; k < nch; ++k) TORCH_CHECK(ch[k] < ch[k + 1], "fused_conv: chunks must increase");
+}
+
 at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tensor offsets,
                       at::Tensor assign, at::Tensor scale, at::Tensor bias, at::Tensor chunks,
                       int64_t kh, int64_t kw, int64_t ph, int64_t pw, bool relu) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be float32 [B, C, H, W]");
+  check_inputs(x, kept, cents, offsets, assign, scale, bias, chunks, kh, kw, ph, pw);
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
@@ -222,7 +259,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # an operator library, not a Python module: loading it registers torch.ops.kse.fused_conv
-            _library = load_inline(name="kse_fused_v8", cpp_sources=_SOURCE, with_cuda=False, is_python_module=False,
+            _library = load_inline(name="kse_fused_v9", cpp_sources=_SOURCE, with_cuda=False, is_python_module=False,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
