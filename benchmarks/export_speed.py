@@ -26,7 +26,7 @@ import torch
 
 import kse
 from kse import fused
-from kse.conv import INFERENCE_FORMS, KSEConv2d
+from kse.conv import INFERENCE_FORMS, KSEConv2d, without_fused
 from kse.deploy import deploy_
 from kse.timing import time_interleaved
 
@@ -96,7 +96,7 @@ def main() -> None:
                 onnx_forms = {n: "full" for n in forms}
             else:
                 forms = deploy_(models["compressed"], form=args.form, input_size=size)
-                onnx_forms = {n: "full" if f == "fused" else f for n, f in forms.items()}
+                onnx_forms = {n: without_fused(f, "full") for n, f in forms.items()}
             result[f"b{b}_forms_torchscript"] = {f: list(forms.values()).count(f) for f in sorted(set(forms.values()))}
             result[f"b{b}_forms_onnx"] = {f: list(onnx_forms.values()).count(f) for f in sorted(set(onnx_forms.values()))}
             # as kse export does: BatchNorm folded into the convolutions (and a ReLU into KSE layers)

@@ -918,15 +918,9 @@ def _export_and_check(model: torch.nn.Module, fmt: str, target: Path, example: t
     return _max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
 
 
-def _onnx_form(form: str) -> str:
-    """``form`` with the compiled kernel replaced by zero kernels for dropped channels ("full")."""
-    from .conv import batch_form, parse_form
-
-    return batch_form([(b, "full" if f == "fused" else f) for b, f in parse_form(form)])
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .atomic import atomic_path
+    from .conv import without_fused
 
     path = _checkpoint_path(args)
     if not args.out:
@@ -976,7 +970,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         # (forms measured in PyTorch say nothing of it): ONNX gets zero kernels for the dropped
         # channels ("full") under auto, and where an explicit form is fused
         fmt_forms = forms if fmt != "onnx" else {
-            n: "full" if args.form == "auto" else _onnx_form(f) for n, f in forms.items()}
+            n: "full" if args.form == "auto" else without_fused(f, "full") for n, f in forms.items()}
         for n, f in fmt_forms.items():
             layers[n].set_form(f)
         # written to a temporary file, checked, then renamed: a failed export leaves no file behind
@@ -991,7 +985,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {target} (verified: max relative difference {diff:.2e} on a batch of {len(check)})")
     manifest = {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "input_size": list(input_size),
                 "preprocess": model.kse_preprocess, "forms": _form_counts(forms), "tolerance": tolerance,
-                "batch_size": args.batch_size, "batchnorm_folded": folded, "exports": verified, "input_name": "input", "output_name": "logits"}
+                "batch_size": args.batch_size, "batchnorm_folded": folded, "exports": verified,
+                "input_name": "input", "output_name": "logits"}
     if "fused" in forms_of.get("torchscript", {}):
         manifest["torchscript_needs"] = ("the kse operator library: `import kse.fused; kse.fused.available()` "
                                          "before torch.jit.load (or torch.ops.load_library(kse.fused.library_path()))")

@@ -66,12 +66,13 @@ def parse_form(form: str) -> List[Tuple[int, str]]:
     return entries
 
 
-def without_fused(form: str) -> str:
-    """``form`` with the compiled kernel replaced by the dense form (``"dense"`` if unreadable)."""
+def without_fused(form: str, replacement: str = "dense") -> str:
+    """``form`` with the compiled kernel replaced by ``replacement`` (``replacement`` alone if
+    ``form`` is unreadable)."""
     try:
-        return batch_form([(b, "dense" if f == "fused" else f) for b, f in parse_form(form)])
+        return batch_form([(b, replacement if f == "fused" else f) for b, f in parse_form(form)])
     except ValueError:
-        return "dense"
+        return replacement
 
 
 def batch_form(choices: Sequence[Tuple[int, str]]) -> str:
