@@ -21,7 +21,14 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not
 @pytest.mark.parametrize("C,N,k,p,H,W,B,bias", [
     (6, 8, 3, 1, 7, 9, 2, True), (16, 16, 3, 1, 28, 28, 3, False), (5, 7, 1, 0, 5, 5, 2, True),
     (4, 6, (3, 2), (1, 0), 6, 5, 1, True), (8, 8, 3, 0, 9, 9, 2, False), (3, 5, 5, 2, 4, 11, 1, True),
-    (64, 64, 3, 1, 7, 7, 4, False), (4, 6, 1, 1, 5, 6, 2, True)])  # last: padding wider than the kernel
+    (64, 64, 3, 1, 7, 7, 4, False), (4, 6, 1, 1, 5, 6, 2, True),  # padding wider than the kernel
+    # same-size convolutions run in the compact layout (masked taps, tiles across images): maps
+    # smaller than a tile, so that a tile spans several images; a 1x1 map, where every tap but
+    # the centre is masked; a 5x5 and a 3x1 kernel (generic tap loop); a 1x1 kernel (no masks).
+    # The others above with a different output size ((3, 2) kernel, padding 0, padding wider
+    # than the kernel) run in the padded layout
+    (7, 9, 3, 1, 3, 3, 7, True), (4, 5, 3, 1, 1, 1, 5, False), (3, 6, 5, 2, 6, 6, 3, True),
+    (4, 6, (3, 1), (1, 0), 5, 6, 3, True), (5, 7, 1, 0, 5, 5, 5, True)])
 def test_fused_equals_training_form(C, N, k, p, H, W, B, bias):
     g = torch.Generator().manual_seed(C * 31 + H)
     conv = nn.Conv2d(C, N, k, 1, p, bias=bias)
