@@ -1,0 +1,113 @@
+"""The fused kernel of this tree against the one of another git revision, layer by layer, in one
+process (CPU). Both sources are compiled under their own names; each layer of a compressed
+checkpoint runs with both, on the inputs it sees in the model, in alternating rounds (the order
+reversed every round), and each keeps its best time. Outputs are compared first (1e-4 relative).
+An A/A run (``--against`` the working tree's own commit, unchanged kernel) shows the harness's
+noise.
+
+    python benchmarks/kernel_ab.py --checkpoint checkpoints/resnet56-fmnist-g4.kse \\
+        --against HEAD~1 --batch-size 64 [--rounds 4] [--threads 2]
+
+Prints one JSON object: per layer and per stage (first part of the layer name) the two times
+and ``speedup`` = against / this tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import kse
+from kse import fused
+from kse.conv import KSEConv2d
+from kse.report import capture_layer_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kernel_source(revision: str) -> str:
+    """``_SOURCE`` of ``src/kse/fused.py`` at a git revision (the C++ text between its quotes)."""
+    text = subprocess.run(["git", "show", f"{revision}:src/kse/fused.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    start = text.index('_SOURCE = r"""') + len('_SOURCE = r"""')
+    return text[start:text.index('"""', start)]
+
+
+def build(name: str, source: str):
+    """Compile a kernel source as its own extension and operator namespace (a process can hold
+    only one ``TORCH_LIBRARY(kse, ...)``)."""
+    from torch.utils.cpp_extension import load_inline
+    return load_inline(name=name, cpp_sources=source.replace("TORCH_LIBRARY(kse,", f"TORCH_LIBRARY({name},"),
+                       is_python_module=True, no_implicit_headers=True,
+                       extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"])
+
+
+def best_of(fn, x, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="a compressed .kse file")
+    ap.add_argument("--against", default="HEAD~1", help="git revision whose kernel to compare with")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    kernels = {"this": build("kse_ab_this", fused._SOURCE), "against": build(f"kse_ab_{rev}", kernel_source(rev))}
+    model = kse.load(args.checkpoint).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, KSEConv2d) and fused.supports(m)]
+    torch.manual_seed(0)
+    size = tuple(model.kse_preprocess["input_size"])
+    inputs = capture_layer_inputs(model, names, torch.randn(args.batch_size, *size))
+    repeats = 10 if args.batch_size > 8 else 50
+    layers, stages = [], {}
+    with torch.no_grad():
+        for name in names:
+            layer, x = model.get_submodule(name), inputs[name]
+            t = fused.prepare(layer)
+            call = {k: (lambda x, m=m: m.fused_conv(x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"],
+                                                     t["bias"], t["chunks"], *layer.kernel_size, *layer.padding,
+                                                     t["relu"]))
+                    for k, m in kernels.items()}
+            ref = call["against"](x)
+            torch.testing.assert_close(call["this"](x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+            best = dict.fromkeys(call, float("inf"))
+            for r in range(args.rounds):
+                for k in (list(call) if r % 2 == 0 else list(call)[::-1]):
+                    call[k](x)
+                    best[k] = min(best[k], best_of(call[k], x, repeats))
+            row = {"layer": name, "shape": list(x.shape), "this_ms": round(best["this"] * 1e3, 4),
+                   "against_ms": round(best["against"] * 1e3, 4), "speedup": round(best["against"] / best["this"], 3)}
+            layers.append(row)
+            stage = stages.setdefault(name.split(".")[0], {"this_ms": 0.0, "against_ms": 0.0})
+            stage["this_ms"] += row["this_ms"]
+            stage["against_ms"] += row["against_ms"]
+    for stage in stages.values():
+        stage["speedup"] = round(stage["against_ms"] / stage["this_ms"], 3)
+        stage["this_ms"], stage["against_ms"] = round(stage["this_ms"], 3), round(stage["against_ms"], 3)
+    this, against = sum(r["this_ms"] for r in layers), sum(r["against_ms"] for r in layers)
+    print(json.dumps({"benchmark": "kernel_ab", "against": rev, "batch_size": args.batch_size,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "total": {"this_ms": round(this, 3), "against_ms": round(against, 3),
+                                "speedup": round(against / this, 3)},
+                      "stages": stages, "layers": layers}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
