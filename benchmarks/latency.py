@@ -16,7 +16,7 @@ For each model and setting, at each batch size, prints (one JSON object):
   each KSE form, the speed-up of the best form, and the fraction of the paper's MAC reduction
   it realises in wall-clock time, ``(speedup - 1) / (paper MAC ratio - 1)`` (1.0: all of it).
 
-    python benchmarks/latency.py [--models resnet56 resnet50] [--checkpoint F] [--repeats 20]
+    python benchmarks/latency.py [--models resnet56 resnet50] [--checkpoint F] [--repeats 20] [--G 4 5]
 
 Random weights are used unless ``--checkpoint`` names a trained ``.kse`` file (the channel
 scores, and so the compression, depend on training).
@@ -153,6 +153,8 @@ def main() -> None:
                     help="stock forms deploy_ measures (split is slow to time on large layers)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--no-layers", action="store_true", help="whole models only (skip the per-layer table)")
+    ap.add_argument("--G", type=int, nargs="+", default=None,
+                    help="only the settings with these G (default: every setting of the model)")
     ap.add_argument("--fold", action="store_true",
                     help="time the whole models with BatchNorm folded into their convolutions (kse.fold_batchnorm)")
     args = ap.parse_args()
@@ -171,7 +173,10 @@ def main() -> None:
             model = (torchvision.models.resnet50() if name == "resnet50" else get_model(name)).eval()
             size = INPUT[name]
         forms = tuple(args.forms) + (("fused",) if args.fused else ())
-        out["results"] += bench_model(name, model, size, SETTINGS[name], BATCHES[name], args.repeats, forms,
+        settings = [s for s in SETTINGS[name] if args.G is None or s["G"] in args.G]
+        if not settings:
+            ap.error(f"--G {args.G}: {name} has the settings {SETTINGS[name]}")
+        out["results"] += bench_model(name, model, size, settings, BATCHES[name], args.repeats, forms,
                                    args.device, not args.no_layers, args.fold)
     print(json.dumps(out, indent=1))
 
