@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kse
 from kse import fused
@@ -43,6 +45,27 @@ def test_fused_equals_training_form(C, N, k, p, H, W, B, bias):
         got_cl = layer(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(got_cl, got)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.sampled_from([(1, 1), (3, 3), (5, 5), (3, 1), (1, 3), (3, 5)]),
+       st.integers(1, 11), st.integers(1, 11), st.integers(1, 6), st.booleans(), st.integers(0, 2 ** 16))
+def test_fused_same_size_convolutions_match_for_any_map(C, N, k, H, W, B, relu, seed):
+    """The compact layout's tap masks, at random sizes: maps smaller or larger than a tile, tiles
+    across image boundaries, every kernel shape, with and without the ReLU epilogue."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(C, N, k, 1, (k[0] // 2, k[1] // 2), bias=True)
+    counts = torch.randint(0, N + 1, (C,), generator=g)
+    counts[int(torch.randint(0, C, (1,), generator=g))] = max(1, N // 2)
+    layer = KSEConv2d.from_conv(conv, counts).eval()
+    if relu:
+        layer.set_epilogue(torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g), relu=True)
+    x = torch.randn(B, C, H, W, generator=g)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.set_form("fused")
+        got = layer(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(float(ref.abs().max()), 1.0))
 
 
 def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():
