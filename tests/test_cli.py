@@ -293,9 +293,23 @@ def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, match", [
     (["--alpha", "-1"], "kse compress: error: --alpha: alpha must be a finite number >= 0, got -1.0"),
     (["--T", "-1"], "kse compress: error: --T: T must be an integer >= 0, got -1"),
+    (["--channel-multiple", "0"],
+     "kse compress: error: --channel-multiple: channel_multiple must be an integer >= 1, got 0"),
 ])
 def test_other_bad_kse_values(argv, match, baseline, tmp_path):
     assert one_error_line(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", *argv]) == match
+
+
+def test_compress_channel_multiple_sets_the_widths(baseline, tmp_path):
+    out = tmp_path / "every-dead-channel.kse"
+    ok(["compress", "--checkpoint", baseline, "--out", out, "--channel-multiple", 1])
+    got = kse.load(out)
+    assert got.kse_config["channel_multiple"] == 1
+    want = kse.compress(kse.load(baseline), kse.KSEConfig(G=4, channel_multiple=1, input_size=(3, 16, 16)))
+    widths = [(n, m.in_channels, m.out_channels) for n, m in got.named_modules() if hasattr(m, "out_channels")]
+    assert widths == [(n, m.in_channels, m.out_channels) for n, m in want.named_modules() if hasattr(m, "out_channels")]
+    default = kse.compress(kse.load(baseline), kse.KSEConfig(G=4, input_size=(3, 16, 16)))
+    assert sum(w[2] for w in widths) < sum(m.out_channels for m in default.modules() if hasattr(m, "out_channels"))
 
 
 def test_compress_refuses_to_overwrite_its_input(baseline):

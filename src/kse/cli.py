@@ -371,7 +371,7 @@ def _input_size(model: torch.nn.Module, path: Path) -> tuple:
 
 
 _KSE_FLAGS = {"G": "--G", "T": "--T", "alpha": "--alpha", "seed": "--seed", "include": "--include",
-              "score": "--score", "entropy_layout": "--entropy-layout",
+              "score": "--score", "entropy_layout": "--entropy-layout", "channel_multiple": "--channel-multiple",
               "exclude": "--exclude", "input_size": "--checkpoint's input size"}
 
 
@@ -380,7 +380,7 @@ def _kse_config(args: argparse.Namespace, input_size: Optional[tuple] = None):
     from .config import KSEConfig
 
     kwargs = dict(G=args.G, T=args.T, alpha=args.alpha)
-    for key in ("seed", "include", "exclude", "score", "entropy_layout"):
+    for key in ("seed", "include", "exclude", "score", "entropy_layout", "channel_multiple"):
         if getattr(args, key, None) is not None:
             kwargs[key] = getattr(args, key)
     if input_size is not None:
@@ -646,6 +646,9 @@ def _add_compress(sub) -> None:
                    help="ablations: rank input channels by sparsity or entropy alone (default: kse, Eq. 7)")
     p.add_argument("--entropy-layout", choices=["paper", "official"], default=None,
                    help="ablation: 'official' reproduces the authors' code's entropy layout bug (default: paper)")
+    p.add_argument("--channel-multiple", type=int, default=None, metavar="M",
+                   help="keep each shrunk producer's width a multiple of M when removing dead channels "
+                        "(default 8, widths fast kernels handle well; 1: remove every dead channel)")
     p.set_defaults(func=cmd_compress, _defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse",
                                                      entropy_layout="paper"))
 
