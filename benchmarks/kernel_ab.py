@@ -3,10 +3,13 @@ process (CPU). Both sources are compiled under their own names; each layer of a 
 checkpoint runs with both, on the inputs it sees in the model, in alternating rounds (the order
 reversed every round), and each keeps its best time. Outputs are compared first (1e-4 relative).
 An A/A run (``--against`` the working tree's own commit, unchanged kernel) shows the harness's
-noise.
+noise. ``--against-chunk-rows R`` compares instead with this tree's kernel given chunks of R
+centroid rows (``kse.fused.chunk_rows`` chooses them). Instead of a checkpoint,
+``--resnet50 --G 5 --T 1`` compresses torchvision's ResNet-50 (random weights, 224x224).
 
     python benchmarks/kernel_ab.py --checkpoint checkpoints/resnet56-fmnist-g4.kse \\
-        --against HEAD~1 --batch-size 64 [--rounds 4] [--threads 2]
+        --against HEAD~1 --batch-size 64 [--rounds 4] [--threads 2] [--layers PAT]
+    python benchmarks/kernel_ab.py --resnet50 --G 5 --T 1 --against-chunk-rows 128 --batch-size 16
 
 Prints one JSON object: per layer and per stage (first part of the layer name) the two times
 and ``speedup`` = against / this tree.
@@ -15,6 +18,7 @@ and ``speedup`` = against / this tree.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import subprocess
 import time
@@ -59,31 +63,59 @@ def best_of(fn, x, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a compressed .kse file")
-    ap.add_argument("--against", default="HEAD~1", help="git revision whose kernel to compare with")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a compressed .kse file")
+    source.add_argument("--resnet50", action="store_true", help="torchvision ResNet-50, random weights, compressed")
+    ap.add_argument("--G", type=int, default=5, help="with --resnet50")
+    ap.add_argument("--T", type=int, default=1, help="with --resnet50")
+    ap.add_argument("--layers", default="*", help="glob of the layer names to time (default: all)")
+    against = ap.add_mutually_exclusive_group()
+    against.add_argument("--against", default="HEAD~1", help="git revision whose kernel to compare with")
+    against.add_argument("--against-chunk-rows", type=int, default=None, metavar="R",
+                         help="compare with this tree's kernel and chunks of R centroid rows")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    kernels = {"this": build("kse_ab_this", fused._SOURCE), "against": build(f"kse_ab_{rev}", kernel_source(rev))}
-    model = kse.load(args.checkpoint).eval()
-    names = [n for n, m in model.named_modules() if isinstance(m, KSEConv2d) and fused.supports(m)]
+    this = build("kse_ab_this", fused._SOURCE)
+    if args.against_chunk_rows is not None:
+        rev = f"chunk_rows={args.against_chunk_rows}"
+        kernels = {"this": this, "against": this}
+    else:
+        rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        kernels = {"this": this, "against": build(f"kse_ab_{rev}", kernel_source(rev))}
     torch.manual_seed(0)
-    size = tuple(model.kse_preprocess["input_size"])
+    if args.resnet50:
+        import torchvision
+
+        size = (3, 224, 224)
+        model = kse.compress(torchvision.models.resnet50().eval(), kse.KSEConfig(G=args.G, T=args.T, input_size=size))
+    else:
+        model = kse.load(args.checkpoint)
+        size = tuple(model.kse_preprocess["input_size"])
+    model.eval()
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, KSEConv2d) and fused.supports(m) and fnmatch.fnmatch(n, args.layers)]
     inputs = capture_layer_inputs(model, names, torch.randn(args.batch_size, *size))
     repeats = 10 if args.batch_size > 8 else 50
     layers, stages = [], {}
     with torch.no_grad():
         for name in names:
             layer, x = model.get_submodule(name), inputs[name]
-            t = fused.prepare(layer)
-            call = {k: (lambda x, m=m: m.fused_conv(x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"],
-                                                     t["bias"], t["chunks"], *layer.kernel_size, *layer.padding,
-                                                     t["relu"]))
+            prepared = {"this": fused.prepare(layer), "against": fused.prepare(layer)}
+            if args.against_chunk_rows is not None:
+                keep = fused.chunk_rows
+                fused.chunk_rows = lambda n: args.against_chunk_rows
+                try:
+                    prepared["against"] = fused.prepare(layer)
+                finally:
+                    fused.chunk_rows = keep
+            call = {k: (lambda x, m=m, t=prepared[k]: m.fused_conv(
+                        x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"], t["bias"], t["chunks"],
+                        *layer.kernel_size, *layer.padding, t["relu"]))
                     for k, m in kernels.items()}
             ref = call["against"](x)
             torch.testing.assert_close(call["this"](x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
@@ -92,7 +124,8 @@ def main() -> None:
                 for k in (list(call) if r % 2 == 0 else list(call)[::-1]):
                     call[k](x)
                     best[k] = min(best[k], best_of(call[k], x, repeats))
-            row = {"layer": name, "shape": list(x.shape), "this_ms": round(best["this"] * 1e3, 4),
+            row = {"layer": name, "shape": list(x.shape), "kernel_size": list(layer.kernel_size),
+                   "out_channels": layer.out_channels, "this_ms": round(best["this"] * 1e3, 4),
                    "against_ms": round(best["against"] * 1e3, 4), "speedup": round(best["against"] / best["this"], 3)}
             layers.append(row)
             stage = stages.setdefault(name.split(".")[0], {"this_ms": 0.0, "against_ms": 0.0})
