@@ -215,3 +215,24 @@ def test_operator_checks_its_indices():
     for message, change in cases.items():
         with pytest.raises(RuntimeError, match=message):
             run(**change)
+
+
+@pytest.mark.parametrize("N", [16, 300])
+def test_chunks_cover_the_channels_within_the_row_limit(N):
+    torch.manual_seed(N)
+    counts = torch.randint(1, N + 1, (40,))
+    layer = KSEConv2d.from_conv(nn.Conv2d(40, N, 3, padding=1), counts)
+    chunks = fused.prepare(layer)["chunks"].tolist()
+    limit = max(128, 2 * N)
+    assert fused.chunk_rows(N) == limit
+    assert chunks[0] == 0 and chunks[-1] == 40 and chunks == sorted(set(chunks))
+    for a, b in zip(chunks, chunks[1:]):
+        rows = int(counts[a:b].sum())
+        assert rows <= limit or b == a + 1  # a channel with more rows than the limit is a chunk alone
+        if b < 40:
+            assert rows + int(counts[b]) > limit  # greedy: the next channel did not fit
+    x = torch.randn(2, 40, 5, 6)
+    with torch.no_grad():
+        ref = layer.eval()(x)
+        layer.set_form("fused")
+        assert_same_function(layer(x), ref)
