@@ -45,6 +45,9 @@ def test_fused_equals_training_form(C, N, k, p, H, W, B, bias):
         got_cl = layer(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(got_cl, got)
+    assert got.is_contiguous()
+    # a same-size convolution keeps a channels_last input's layout, the others answer NCHW
+    assert got_cl.is_contiguous(memory_format=torch.channels_last) == (got.shape[2:] == x.shape[2:])
 
 
 @settings(max_examples=30, deadline=None)
@@ -65,7 +68,12 @@ def test_fused_same_size_convolutions_match_for_any_map(C, N, k, H, W, B, relu, 
         ref = layer(x)
         layer.set_form("fused")
         got = layer(x)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        got_cl = layer(x_cl)  # read and written channels_last
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(float(ref.abs().max()), 1.0))
+    torch.testing.assert_close(got_cl, got, rtol=0, atol=0)
+    # (with C = 1 or a 1x1 map both layouts coincide, and the input counts as NCHW)
+    assert got_cl.is_contiguous(memory_format=torch.channels_last) or x_cl.is_contiguous()
 
 
 def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():

@@ -130,6 +130,18 @@ static void __attribute__((noinline)) write_run(float* dst, int64_t dst_stride, 
   }
 }
 
+// the same for a channels_last output: pixel i's N outputs are contiguous, at dst + i * N
+static void __attribute__((noinline)) write_pixels(float* dst, const float* src, int64_t src_stride, int N,
+                                                   int64_t len, const float* ss, const float* bs, int mode) {
+  for (int64_t i = 0; i < len; ++i) {
+    float* d = dst + i * N;
+    const float* a = src + i;
+    if (mode == 0) for (int n = 0; n < N; ++n) d[n] = a[n * src_stride];
+    else if (mode == 1) for (int n = 0; n < N; ++n) d[n] = std::max(a[n * src_stride] * ss[n] + bs[n], 0.f);
+    else for (int n = 0; n < N; ++n) d[n] = a[n * src_stride] * ss[n] + bs[n];
+  }
+}
+
 // the operator is public (torch.ops.kse.fused_conv): every index is checked before the kernel
 // trusts it, so that wrong tensors give an error instead of reads out of bounds
 static void check_inputs(const at::Tensor& x, const at::Tensor& kept, const at::Tensor& cents,
@@ -205,11 +217,14 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
                       at::Tensor assign, at::Tensor scale, at::Tensor bias, at::Tensor chunks,
                       int64_t kh, int64_t kw, int64_t ph, int64_t pw, bool relu) {
   check_inputs(x, kept, cents, offsets, assign, scale, bias, chunks, kh, kw, ph, pw);
-  x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
   const int64_t Hp = H + 2 * ph, Ho = Hp - kh + 1, Wo = W + 2 * pw - kw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "input smaller than the kernel");
+  // channels_last in, channels_last out (same-size convolutions: the model keeps its layout);
+  // anything else is read as contiguous NCHW and written NCHW
+  const bool nhwc = Ho == H && Wo == W && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (!nhwc) x = x.contiguous();
   // Two layouts of the input. Compact, for same-size convolutions (Ho == H, Wo == W): the
   // planes of all images one after the other, unpadded; the taps that fall outside their image
   // are masked, every computed output is kept and a tile may span images. Padded, for the
@@ -227,11 +242,27 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
   const int64_t plane = compact ? lead + ntiles * TL + (kh - 1 - ph) * W + (kw - 1 - pw) + TL   // one kept channel
                                 : ntiles_img * TL + (kh - 1) * Wp + kw + TL;                  // one image's channel
   auto xp = at::empty({compact ? 1 : B, (int64_t)K, plane}, x.options());
-  auto out = at::empty({B, (int64_t)N, Ho, Wo}, x.options());
+  auto out = at::empty({B, (int64_t)N, Ho, Wo},
+                       x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const float* xs = x.data_ptr<float>();
   float* xps = xp.data_ptr<float>();
   const int64_t* kp = kept.data_ptr<int64_t>();
-  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+  if (nhwc) {  // (b, pixel) rows of C channels -> the kept channels' planes
+    at::parallel_for(0, B * HW, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t p0 = begin; p0 < end; p0 += 64) {  // 64 pixels' channels stay in L1 across the K reads
+        const int64_t p1 = std::min(end, p0 + 64);
+        for (int64_t c = 0; c < K; ++c) {
+          const float* src = xs + kp[c];
+          float* dst = xps + c * plane + lead;
+          for (int64_t bp = p0; bp < p1; ++bp) dst[bp] = src[bp * C];
+        }
+      }
+    });
+    for (int64_t c = 0; c < K; ++c) {
+      std::memset(xps + c * plane, 0, lead * sizeof(float));
+      std::memset(xps + c * plane + lead + B * HW, 0, (plane - lead - B * HW) * sizeof(float));
+    }
+  } else at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / K, c = bc % K;
       const float* src = xs + (b * C + kp[c]) * HW;
@@ -309,7 +340,8 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
       if (compact) {
         for (int64_t p = t0; p < std::min(t0 + TL, B * HW);) {  // runs within one image
           const int64_t img = p / HW, r = p % HW, len = std::min(HW - r, t0 + TL - p);
-          write_run(ys + img * N * HW + r, HW, gb + (p - t0), TL, N, len, ss, bs, mode);
+          if (nhwc) write_pixels(ys + (img * HW + r) * N, gb + (p - t0), TL, N, len, ss, bs, mode);
+          else write_run(ys + img * N * HW + r, HW, gb + (p - t0), TL, N, len, ss, bs, mode);
           p += len;
         }
         continue;
@@ -378,7 +410,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v13", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v14", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
