@@ -75,6 +75,31 @@ def test_auto_deploy_over_several_batch_sizes(monkeypatch):
             kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=bad)
 
 
+def test_auto_deploy_measures_in_the_models_memory_format(monkeypatch):
+    import kse.deploy as deploy_mod
+
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=5, input_size=(3, 32, 32)))
+    seen = []
+
+    def clock(m, x, warmup, repeats):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return {"min_ms": {"dense": 2.0, "full": 1.0, "split": 3.0}[m.form]}
+
+    monkeypatch.setattr(deploy_mod, "time_call", clock)
+    assert not deploy_mod.model_is_channels_last(net)
+    kse.deploy_(net, form="auto", input_size=(3, 32, 32))
+    assert seen and not any(seen)
+    net = net.to(memory_format=torch.channels_last)
+    assert deploy_mod.model_is_channels_last(net)
+    seen.clear()
+    kse.deploy_(net, form="auto", input_size=(3, 32, 32))
+    assert seen and all(seen)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_function(net(x.contiguous(memory_format=torch.channels_last)), net(x))
+
+
 def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch):
     from kse.conv import KSEConv2d
 

@@ -30,15 +30,25 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .conv import FORMS, INFERENCE_FORMS, KSEConv2d, batch_form, parse_form, without_fused
 from .modules import capture_layer_inputs, eval_mode
 from .timing import time_call
 
 
+def model_is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's first 4-D convolution weight is laid out channels_last."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Conv2d) and isinstance(w, Tensor) and w.dim() == 4:
+            return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    return False
+
+
 def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[int]] = None,
             batch_size: Union[int, Sequence[int]] = 1, repeats: int = 5, candidates: Sequence[str] = INFERENCE_FORMS,
-            per_batch: bool = True) -> Dict[str, str]:
+            per_batch: bool = True, channels_last: Optional[bool] = None) -> Dict[str, str]:
     """Switch every KSE layer of ``model`` to an inference form, in place.
 
     Args:
@@ -53,6 +63,11 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
         candidates: the forms ``"auto"`` measures; add ``"fused"`` to include the compiled
             kernel (built on first use; layers it does not support skip it, and get "dense"
             when it is the only candidate).
+        channels_last: give the measuring pass its input in that memory format (default: the
+            model's, channels_last when its first 4-D convolution weight is, as after
+            ``model.to(memory_format=torch.channels_last)``; the layers after a channels_last
+            convolution get channels_last inputs anyway). The fastest form differs between the
+            two layouts; the fused kernel reads and writes either.
     Returns:
         ``{layer name: chosen form}``.
     """
@@ -80,6 +95,8 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
             raise ValueError("deploy_(form='auto') needs input_size=(C, H, W) to measure the layers")
         input_size = pre["input_size"]
     p = next(model.parameters())
+    if channels_last is None:
+        channels_last = model_is_channels_last(model)
     batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
     if not batches or not all(isinstance(b, int) and b >= 1 for b in batches) or len(set(batches)) < len(batches):
         raise ValueError(f"batch_size must be a positive integer or a sequence of distinct ones, got {batch_size!r}")
@@ -95,6 +112,8 @@ def deploy_(model: nn.Module, form: str = "auto", input_size: Optional[Sequence[
             for m in layers.values():
                 m.set_form("dense")
             x = torch.randn(b, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             inputs = capture_layer_inputs(model, list(layers), x)
             with eval_mode(model), torch.no_grad():
                 missing = [n for n in layers if n not in inputs]
