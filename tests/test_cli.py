@@ -226,6 +226,11 @@ def test_demo_on_a_fake_checkpoint(work, baseline):
     # and both models with BatchNorm folded, as exported
     assert "CPU latency, batch 1, BatchNorm folded (ms)" in out
     assert set(comp["latency_folded_ms"]) == set(base["latency_folded_ms"]) == {"1", "64"}
+    # and the folded baseline in channels_last, compared with the same folded KSE model
+    assert set(base["latency_folded_channels_last_ms"]) == {"1", "64"}
+    row = next(line for line in out.splitlines() if "batch 1, folded, baseline channels_last (ms)" in line).split()
+    assert float(row[-3]) == pytest.approx(base["latency_folded_channels_last_ms"]["1"], abs=0.006)
+    assert float(row[-2]) == pytest.approx(comp["latency_folded_ms"]["1"], abs=0.006)
     # forms chosen per batch size (the fused kernel among the candidates); every layer runs one at each size
     assert set(comp["forms_by_batch"]) == {"1", "64"}
     assert all(sum(f.values()) == 18 and set(f) <= {"dense", "full", "split", "fused"}
