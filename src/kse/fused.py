@@ -7,8 +7,8 @@ The paper's split form, in one pass over each tile of 32 output pixels:
 
 so it costs ``sum_c q_c * kh * kw`` multiply-adds plus ``N * C_kept`` adds per pixel, against
 ``N * C * kh * kw`` for the dense convolution. The kept channels are taken in chunks whose
-centroid responses (at most 128 rows of 32 floats) stay in the L1 cache while the fusion reads
-them by index, four outputs at a time; the outputs of a tile stay in a buffer of ``N x 32``
+centroid responses (at least 128 rows of 32 floats, 2N for wide layers: :func:`chunk_rows`)
+stay in cache while the fusion reads them by index, four outputs at a time; the outputs of a tile stay in a buffer of ``N x 32``
 floats until the last chunk, then its valid pixels are copied to the result.
 
 Stride 1, no dilation, float32 (other layers keep the stock forms). The pixels of a tile are
@@ -16,9 +16,11 @@ consecutive, so a 3x3 tap is a fixed offset and every load is a contiguous vecto
 same-size convolutions (padding (k - 1) / 2, most CNN layers) the input planes of all images are
 laid end to end without padding and the taps that fall outside their image are masked: every
 computed output is kept, and a tile may span images (on a 7x7 map, 49 outputs per image
-instead of 64). Other layers use a zero-padded plane per image whose rows share their padding
-column, which is computed and dropped. Tiles are spread over torch's threads (OpenMP). The extension is compiled on first use
-with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are needed; about
+instead of 64); they also read a channels_last input as it is and answer channels_last. Other
+layers use a zero-padded plane per image whose rows share their padding column, which is
+computed and dropped (channels_last inputs are converted to NCHW first). Tiles are spread
+over torch's threads (OpenMP). The extension is compiled on first use with
+``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are needed; about
 15 s once, then cached); ``available()`` says whether it built. Loading it registers the
 operator ``torch.ops.kse.fused_conv``, which ``torch.jit.trace`` records (a saved TorchScript
 model needs the library loaded to run); eager calls go through a direct Python binding, about
