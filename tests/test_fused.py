@@ -244,3 +244,17 @@ def test_chunks_cover_the_channels_within_the_row_limit(N):
         ref = layer.eval()(x)
         layer.set_form("fused")
         assert_same_function(layer(x), ref)
+
+
+def test_tap_mask_cache_is_bounded_and_rebuilt():
+    """7x7 kernels on maps of about 400x400 need about 31 MiB of tap masks each: the third shape
+    empties the cache (64 MiB at most), and the first shape's masks are built again."""
+    torch.manual_seed(5)
+    layer = KSEConv2d.from_conv(nn.Conv2d(2, 3, 7, padding=3), torch.tensor([2, 3])).eval()
+    with torch.no_grad():
+        for H in (400, 401, 402, 400):
+            x = torch.randn(1, 2, H, 400)
+            layer.set_form("train")
+            ref = layer(x)
+            layer.set_form("fused")
+            assert_same_function(layer(x), ref)

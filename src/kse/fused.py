@@ -8,8 +8,9 @@ The paper's split form, in one pass over each tile of 32 output pixels:
 so it costs ``sum_c q_c * kh * kw`` multiply-adds plus ``N * C_kept`` adds per pixel, against
 ``N * C * kh * kw`` for the dense convolution. The kept channels are taken in chunks whose
 centroid responses (at least 128 rows of 32 floats, 2N for wide layers: :func:`chunk_rows`)
-stay in cache while the fusion reads them by index, four outputs at a time; the outputs of a tile stay in a buffer of ``N x 32``
-floats until the last chunk, then its valid pixels are copied to the result.
+stay in cache while the fusion reads them by index, four outputs at a time; the outputs of a
+tile stay in a buffer of ``N x 32`` floats until the last chunk, then its valid pixels are
+copied to the result.
 
 Stride 1, no dilation, float32 (other layers keep the stock forms). The pixels of a tile are
 consecutive, so a 3x3 tap is a fixed offset and every load is a contiguous vector. For
@@ -190,7 +191,7 @@ static void check_inputs(const at::Tensor& x, const at::Tensor& kept, const at::
 // the compact layout's tap masks for one map and kernel shape: for tap i and position r of an
 // image (r < HW + TL, wrapping into the next image), all ones where the tap reads inside the
 // image, else zero; built once per shape (a few microseconds on a 28x28 map: at batch 1 a layer
-// takes about 30) and kept, at most 64 shapes
+// takes about 30) and kept, at most 64 MiB of them (2 MiB for a 3x3 kernel on a 224x224 map)
 static std::shared_ptr<const std::vector<int32_t>> tap_masks(int64_t H, int64_t W, int64_t kh, int64_t kw,
                                                              int64_t ph, int64_t pw) {
   static std::mutex lock;
@@ -209,9 +210,14 @@ static std::shared_ptr<const std::vector<int32_t>> tap_masks(int64_t H, int64_t 
       for (int64_t j = 0; j < kw; ++j)
         (*table)[(i * kw + j) * ms + r] = (h + i - ph >= 0 && h + i - ph < H && w + j - pw >= 0 && w + j - pw < W) ? -1 : 0;
   }
+  static int64_t bytes = 0;
   std::lock_guard<std::mutex> guard(lock);
-  if (cache.size() >= 64) cache.clear();
-  cache.emplace(key, table);
+  const int64_t size = (int64_t)table->size() * sizeof(int32_t);
+  if (bytes + size > (int64_t{64} << 20)) {
+    cache.clear();
+    bytes = 0;
+  }
+  if (cache.emplace(key, table).second) bytes += size;
   return table;
 }
 
@@ -223,9 +229,10 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
   const int K = kept.size(0), N = assign.size(0), kk = kh * kw, nchunks = chunks.size(0) - 1;
   const int64_t Hp = H + 2 * ph, Ho = Hp - kh + 1, Wo = W + 2 * pw - kw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "input smaller than the kernel");
-  // channels_last in, channels_last out (same-size convolutions: the model keeps its layout);
-  // anything else is read as contiguous NCHW and written NCHW
-  const bool nhwc = Ho == H && Wo == W && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool compact = Ho == H && Wo == W;  // the layout of same-size convolutions, below
+  // channels_last in, channels_last out (compact layout: the model keeps its layout); anything
+  // else is read as contiguous NCHW and written NCHW
+  const bool nhwc = compact && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (!nhwc) x = x.contiguous();
   // Two layouts of the input. Compact, for same-size convolutions (Ho == H, Wo == W): the
   // planes of all images one after the other, unpadded; the taps that fall outside their image
@@ -237,7 +244,6 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
   // tiles), the compact one 49; compact was faster on every ResNet-56 layer at batch 1 and 64.
   const int64_t Wp = pw <= kw - 1 ? W + pw : W + 2 * pw;
   const int64_t T = Ho * Wp, ntiles_img = (T + TL - 1) / TL;
-  const bool compact = Ho == H && Wo == W;
   const bool masked = compact && kk > 1;
   const int64_t lead = compact ? ph * W + pw : 0;             // zeros before the first image
   const int64_t ntiles = compact ? (B * HW + TL - 1) / TL : B * ntiles_img;
@@ -412,7 +418,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v14", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v15", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
