@@ -105,14 +105,7 @@ def main() -> None:
     with torch.no_grad():
         for name in names:
             layer, x = model.get_submodule(name), inputs[name]
-            prepared = {"this": fused.prepare(layer), "against": fused.prepare(layer)}
-            if args.against_chunk_rows is not None:
-                keep = fused.chunk_rows
-                fused.chunk_rows = lambda n: args.against_chunk_rows
-                try:
-                    prepared["against"] = fused.prepare(layer)
-                finally:
-                    fused.chunk_rows = keep
+            prepared = {"this": fused.prepare(layer), "against": fused.prepare(layer, args.against_chunk_rows)}
             call = {k: (lambda x, m=m, t=prepared[k]: m.fused_conv(
                         x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"], t["bias"], t["chunks"],
                         *layer.kernel_size, *layer.padding, t["relu"]))

@@ -266,19 +266,12 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
         }
       }
     });
-    for (int64_t c = 0; c < K; ++c) {
-      std::memset(xps + c * plane, 0, lead * sizeof(float));
-      std::memset(xps + c * plane + lead + B * HW, 0, (plane - lead - B * HW) * sizeof(float));
-    }
   } else at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / K, c = bc % K;
       const float* src = xs + (b * C + kp[c]) * HW;
       if (compact) {
-        float* dst = xps + c * plane;
-        std::memcpy(dst + lead + b * HW, src, HW * sizeof(float));
-        if (b == 0) std::memset(dst, 0, lead * sizeof(float));
-        if (b == B - 1) std::memset(dst + lead + B * HW, 0, (plane - lead - B * HW) * sizeof(float));
+        std::memcpy(xps + c * plane + lead + b * HW, src, HW * sizeof(float));
         continue;
       }
       float* dst = xps + bc * plane;
@@ -291,6 +284,11 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
       std::memset(dst + (H + ph) * Wp, 0, (plane - (H + ph) * Wp) * sizeof(float));
     }
   });
+  if (compact)  // the zeros around the images of each kept channel (read by masked lanes and the last tile)
+    for (int64_t c = 0; c < K; ++c) {
+      std::memset(xps + c * plane, 0, lead * sizeof(float));
+      std::memset(xps + c * plane + lead + B * HW, 0, (plane - lead - B * HW) * sizeof(float));
+    }
   std::vector<int64_t> taps(kk);
   for (int i = 0; i < kh; ++i)
     for (int j = 0; j < kw; ++j) taps[i * kw + j] = compact ? (i - ph) * W + (j - pw) : i * Wp + j;
@@ -319,7 +317,7 @@ at::Tensor fused_conv(at::Tensor x, at::Tensor kept, at::Tensor cents, at::Tenso
       const float* xb = xps + b * K * plane + lead;
       const int32_t* mk = masked ? masks + t0 % HW : nullptr;
       float* gb = tile.data();
-      for (int k = 0; k < nchunks; ++k) {        // chunks of channels whose responses fit in L1
+      for (int k = 0; k < nchunks; ++k) {        // chunks of channels whose responses stay in cache
         const int c0 = ch[k], c1 = ch[k + 1];
         const int32_t r0 = os[c0];
         float* R = Rbuf.data() - (int64_t)r0 * TL;  // indexed by the global row
@@ -418,7 +416,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v15", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v16", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
@@ -455,15 +453,16 @@ def supports(layer) -> bool:
             and layer.centroids.dtype == torch.float32 and len(layer.kept_channels) > 0)
 
 
-def prepare(layer) -> dict:
-    """The index tensors the kernel reads, from a :class:`kse.KSEConv2d`."""
+def prepare(layer, rows_per_chunk: Optional[int] = None) -> dict:
+    """The index tensors the kernel reads, from a :class:`kse.KSEConv2d` (chunks of at most
+    ``rows_per_chunk`` centroid rows; default :func:`chunk_rows`)."""
     counts = layer.centroid_counts.to(torch.int64)
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0).to(torch.int32)
     kh, kw = layer.kernel_size
     scale, bias = layer._affine()  # outputs = scale * sum + bias (a folded BatchNorm, or 1 and the bias)
     relu = layer._epilogue is not None and layer._epilogue[2]
-    starts, rows, limit = [0], 0, chunk_rows(layer.out_channels)
+    starts, rows, limit = [0], 0, rows_per_chunk or chunk_rows(layer.out_channels)
     for c, q in enumerate(counts.tolist()):
         if rows and rows + q > limit:
             starts.append(c)
