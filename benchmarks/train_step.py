@@ -11,6 +11,7 @@ compressed / dense (issue: a training step of the compressed model must be no sl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import kse
 import kse.conv
+import kse.fused
 from kse.models import get_model
 
 
@@ -50,6 +52,7 @@ def profile_steps(models: dict, x: torch.Tensor, y: torch.Tensor, rows: int = 12
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
     for name, model in models.items():
+        kse.conv._TRAIN_EXPAND_EXTENSION = not name.endswith("_stock")
         step_time(model, x, y, False, 1)  # warm
         with profile(activities=acts) as prof:
             step_time(model, x, y, False, 2)
@@ -68,6 +71,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 autocast on both)")
     ap.add_argument("--profile", action="store_true", help="also print each model's top operators (torch.profiler) to stderr")
+    ap.add_argument("--stock-weight", action="store_true",
+                    help="also time the compressed model with W' built by stock operations instead of the compiled "
+                         "extension (kse.conv._TRAIN_EXPAND_EXTENSION = False), as model kse_g<G>_stock")
     ap.add_argument("--select-max-kept", type=float, default=None,
                     help="override kse.conv._TRAIN_SELECT_MAX_KEPT (fraction of kept channels above which training "
                          "convolves all channels with zero kernels instead of gathering the kept ones)")
@@ -84,6 +90,8 @@ def main() -> None:
         dense, size = get_model("resnet56", num_classes=10, in_channels=1), (1, 28, 28)
     compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size, channel_multiple=args.channel_multiple))
     models = {"dense": dense, f"kse_g{args.G}": compressed}
+    if args.stock_weight:
+        models[f"kse_g{args.G}_stock"] = copy.deepcopy(compressed)
     for m in models.values():
         m.to(device=args.device, memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
@@ -93,20 +101,23 @@ def main() -> None:
     samples = {(name, amp): [] for name in models for amp in (False, True)}
     for _ in range(args.rounds):
         for (name, amp) in samples:
+            kse.conv._TRAIN_EXPAND_EXTENSION = not name.endswith("_stock")
             samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
     if args.profile:
         profile_steps(models, x, y)
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
               "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
-              "select_max_kept": kse.conv._TRAIN_SELECT_MAX_KEPT}
+              "select_max_kept": kse.conv._TRAIN_SELECT_MAX_KEPT,
+              "weight_built_by": "extension" if kse.fused.available() else f"stock operations ({kse.fused.build_error()})"}
     for (name, amp), ts in samples.items():
         key = f"{name}_{'bf16' if amp else 'fp32'}"
         med = statistics.median(ts)
         result[f"{key}_step_ms"] = round(1e3 * med, 2)
         result[f"{key}_img_per_s"] = round(args.batch_size / med, 1)
     for prec in ("fp32", "bf16"):
-        result[f"step_ratio_kse_over_dense_{prec}"] = round(
-            result[f"kse_g{args.G}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
+        for name in list(models)[1:]:
+            result[f"step_ratio_{name.replace(f'_g{args.G}', '')}_over_dense_{prec}"] = round(
+                result[f"{name}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
     result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
     result.update(torch_threads=torch.get_num_threads(), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
                   device_name=torch.cuda.get_device_name() if x.is_cuda else platform.processor(),

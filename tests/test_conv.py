@@ -223,3 +223,16 @@ def test_training_weight_follows_a_new_assignment(counts):
     after = layer(x)
     torch.testing.assert_close(after, reference_forward(layer, x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("form", ["train", "dense", "full", "split", "dense@1,split@8"])
+def test_layer_without_kept_channels_answers_its_bias(form):
+    conv, layer, _ = make_layer(C=3, N=4, counts=torch.zeros(3, dtype=torch.long))
+    x = torch.randn(2, 3, 5, 5)
+    layer.train() if form == "train" else layer.eval().set_form(form)
+    y = layer(x)
+    assert y.shape == (2, 4, 5, 5)
+    torch.testing.assert_close(y, layer.bias.detach().view(1, 4, 1, 1).expand(2, 4, 5, 5))
+    if form == "train":
+        y.sum().backward()
+        torch.testing.assert_close(layer.bias.grad, torch.full((4,), 50.0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kse
+import kse.conv
 from kse import fused
 from kse.conv import KSEConv2d
 
@@ -169,6 +172,27 @@ def test_fused_on_several_threads_equals_one_thread():
     assert_same_function(multi, ref)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_weight_on_several_threads_equals_one_thread(channels_last, monkeypatch):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(150, 64, 3, 1, 1, bias=False)  # 150 columns: the backward splits them over threads
+    counts = torch.randint(0, 12, (150,))
+    layer = KSEConv2d.from_conv(conv, counts).train()
+    upstream = torch.randn(64, 150, 3, 3)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            w = layer._train_weight(True, channels_last)
+            grads.append((w.detach(), torch.autograd.grad(w, layer.centroids, upstream)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])  # same sums, same order
+    stock = _train_weight(layer, True, channels_last, False, monkeypatch)
+    torch.testing.assert_close(grads[1][1], torch.autograd.grad(stock, layer.centroids, upstream)[0])
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path):
@@ -258,3 +282,64 @@ def test_tap_mask_cache_is_bounded_and_rebuilt():
             ref = layer(x)
             layer.set_form("fused")
             assert_same_function(layer(x), ref)
+
+
+def _train_weight(layer, full, channels_last, extension, monkeypatch):
+    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+    return layer._train_weight(full, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_weight_from_the_extension_equals_stock_operations(dtype, full, channels_last, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(7, 9, (3, 2), bias=False)
+    counts = torch.tensor([0, 3, 1, 9, 0, 2, 5])
+    layer = KSEConv2d.from_conv(conv, counts).to(dtype).train()
+    fast = _train_weight(layer, full, channels_last, True, monkeypatch)
+    stock = _train_weight(layer, full, channels_last, False, monkeypatch)
+    assert fast.grad_fn.name().endswith("ExpandWeight>") and not stock.grad_fn.name().endswith("ExpandWeight>")
+    assert layer._train_cached("rows", full)[1]  # own centroids per channel: the backward runs in parallel
+    assert fast.shape == stock.shape == (9, 7 if full else 5, 3, 2) and fast.stride() == stock.stride()
+    assert torch.equal(fast, stock)
+    for upstream in (torch.randn(stock.shape, generator=g), torch.randn(stock.shape, generator=g).contiguous(
+            memory_format=torch.contiguous_format if channels_last else torch.channels_last)):  # either layout
+        upstream = upstream.to(dtype)
+        a, = torch.autograd.grad(fast, layer.centroids, upstream, retain_graph=True)
+        b, = torch.autograd.grad(stock, layer.centroids, upstream, retain_graph=True)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_expand_weight_gradcheck_zero_kernels_and_bad_rows(channels_last):
+    cents = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([[0, -1, 4], [2, 2, -1], [1, 4, 4]], dtype=torch.int32)
+    w = fused.expand_weight(cents, rows, channels_last)
+    assert w.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(w[0, 1], torch.zeros(2, 3, dtype=torch.float64)) and torch.equal(w[2, 1], cents[4].detach())
+    assert torch.autograd.gradcheck(lambda c: fused.expand_weight(c, rows, channels_last), (cents,))  # shared rows
+    own = torch.tensor([[0, 3, -1], [1, 4, 2], [1, 3, -1]], dtype=torch.int32)  # rows of a column serve it alone
+    assert torch.autograd.gradcheck(lambda c: fused.expand_weight(c, own, channels_last, True), (cents,))
+    for bad in ([[5]], [[-2]]):
+        with pytest.raises(RuntimeError, match="row index is out of range"):
+            fused.expand_weight(cents, torch.tensor(bad, dtype=torch.int32), channels_last)
+
+
+def test_training_steps_with_the_extension_equal_stock_operations(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_kse()
+    models = {flag: copy.deepcopy(model).to(memory_format=torch.channels_last).train() for flag in (True, False)}
+    x = torch.randn(4, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    for flag, m in models.items():
+        monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", flag)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    a, b = models[True].state_dict(), models[False].state_dict()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in a.items() if k.endswith("centroids"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

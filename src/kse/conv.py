@@ -171,6 +171,10 @@ def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]
 # with 55/64 channels gathered, and 33% faster with 29/64 (benchmarks/train_step.py: whole model)
 _TRAIN_SELECT_MAX_KEPT = 2 / 3
 
+# Build W' in training with the compiled extension where it applies (CPU); False: always with
+# stock operations (benchmarks/train_step.py --stock-weight compares the two)
+_TRAIN_EXPAND_EXTENSION = True
+
 
 def _is_channels_last(x: Tensor) -> bool:
     """A 4-D tensor laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
@@ -185,9 +189,10 @@ def gather_elements(rows: Tensor, index: Tensor) -> Tensor:
     wants (channels_last for channels_last inputs: a weight in the other layout costs a
     conversion each way). Backward (autograd of ``index_select``): ``index_add`` into zeros,
     so the gradient of a centroid is the sum of the gradients of its kernels (KSE.md §6).
-    Stock operations, whose backward runs in C++: on this project's CPU a custom
-    ``autograd.Function`` doing the same took 8.4 ms per ResNet-56 step for its 54 layers, these
-    5.4 ms (a step takes about 440 ms)."""
+    Stock operations, whose backward runs in C++ (a Python ``autograd.Function`` doing the same
+    took 8.4 ms per ResNet-56 step on this project's CPU for its 54 layers, these 5.4 ms): the
+    form used off the CPU or without the compiled extension, and the reference for
+    :func:`kse.fused.expand_weight`."""
     return F.pad(rows, (0, 0, 0, 1)).reshape(-1).index_select(0, index)
 
 
@@ -287,29 +292,63 @@ class KSEConv2d(nn.Module):
         rows = self.centroids.reshape(-1, kh * kw).index_select(0, self.assignment.t().reshape(-1))
         return rows.view(N, K, kh, kw)
 
-    def _train_index(self, full: bool, channels_last: bool) -> Tensor:
-        """For every element of W', its position in the flattened ``[M + 1, kh * kw]`` table of
-        centroids plus a zero row (row M, for dropped channels): W' over the kept channels, or
-        with ``full`` over all input channels; in NCHW or ``channels_last`` memory order.
-        Cached until the assignment changes."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.assignment, self.kept_channels)) + (
-            full, channels_last, self.assignment.device, len(self.centroids))
+    def _train_cached(self, what: str, full: bool, channels_last: bool = False):
+        """Index tensors for building W' in training, cached until the assignment changes:
+        ``"rows"``, the centroid row of each kernel (``int32 [N, C_kept]``, or with ``full``
+        ``[N, C]`` with -1 for the dropped channels) with whether no row serves two channels;
+        ``"index"``, for every element of W' its position in the flattened ``[M + 1, kh * kw]``
+        table of centroids plus a zero row (row M, for dropped channels), in NCHW or
+        ``channels_last`` memory order."""
+        a, k = self.assignment, self.kept_channels
+        key = (a.data_ptr(), a._version, k.data_ptr(), k._version, a.device, len(self.centroids))
         cache = self.__dict__.get("_index_cache")
-        if cache is not None and cache[0] == key:
-            return cache[1]
+        if cache is None or cache[0] != key:
+            cache = (key, {})
+            self.__dict__["_index_cache"] = cache
+        found = cache[1].get((what, full, channels_last))
+        if found is not None:
+            return found
         rows = self.assignment.t()  # [N, C_kept]: centroid row of each kernel
         if full:
-            rows = torch.full((self.out_channels, self.in_channels), len(self.centroids), dtype=torch.long,
+            rows = torch.full((self.out_channels, self.in_channels), -1, dtype=torch.long,
                               device=rows.device).index_copy_(1, self.kept_channels, rows)
-        d = self.kernel_size[0] * self.kernel_size[1]
-        taps = torch.arange(d, device=rows.device)
-        if channels_last:  # [N, kh * kw, C]
-            index = rows.unsqueeze(1) * d + taps.view(1, d, 1)
-        else:  # [N, C, kh * kw]
-            index = rows.unsqueeze(2) * d + taps
-        index = index.reshape(-1).contiguous()
-        self.__dict__["_index_cache"] = (key, index)
-        return index
+        if what == "rows":  # and whether no centroid row serves two input channels (true for KSE layers)
+            used = rows >= 0
+            cols = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)[used]
+            pairs = torch.unique(torch.stack([rows[used], cols]), dim=1) if used.any() else cols.view(2, 0)
+            found = (rows.to(torch.int32).contiguous(), pairs.shape[1] == len(torch.unique(rows[used])))
+        else:
+            rows = torch.where(rows < 0, len(self.centroids), rows)
+            d = self.kernel_size[0] * self.kernel_size[1]
+            taps = torch.arange(d, device=rows.device)
+            if channels_last:  # [N, kh * kw, C]
+                index = rows.unsqueeze(1) * d + taps.view(1, d, 1)
+            else:  # [N, C, kh * kw]
+                index = rows.unsqueeze(2) * d + taps
+            found = index.reshape(-1).contiguous()
+        cache[1][(what, full, channels_last)] = found
+        return found
+
+    def _train_weight(self, full: bool, channels_last: bool) -> Tensor:
+        """W' for a training step, rebuilt from the centroids on every call (so that their
+        gradient is the sum of their kernels' gradients, KSE.md §6): over the kept input channels,
+        or with ``full`` over all of them (zero kernels for the dropped ones), laid out
+        ``channels_last`` or NCHW.
+
+        On the CPU, with the compiled extension, in one call of :func:`kse.fused.expand_weight`
+        (one autograd node); otherwise, and as its reference, with stock operations
+        (:func:`gather_elements`)."""
+        if (_TRAIN_EXPAND_EXTENSION and self.centroids.device.type == "cpu" and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling()):
+            from . import fused
+
+            if fused.available():
+                rows, disjoint = self._train_cached("rows", full)
+                return fused.expand_weight(self.centroids, rows, channels_last, disjoint)
+        kh, kw = self.kernel_size
+        weight = gather_elements(self.centroids.reshape(-1, kh * kw), self._train_cached("index", full, channels_last))
+        return (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if channels_last
+                else weight.view(self.out_channels, -1, kh, kw))
 
     @property
     def all_kept(self) -> bool:
@@ -334,12 +373,10 @@ class KSEConv2d(nn.Module):
             # training always rebuilds W' from the centroids, whatever the inference form. With
             # few channels dropped, gathering the input (and scattering its gradient) costs more
             # than it saves: all channels are convolved, dropped ones with zero kernels
-            full = len(self.kept_channels) > _TRAIN_SELECT_MAX_KEPT * self.in_channels
-            cl = _is_channels_last(x)
-            kh, kw = self.kernel_size
-            weight = gather_elements(self.centroids.reshape(-1, kh * kw), self._train_index(full, cl))
-            weight = (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if cl
-                      else weight.view(self.out_channels, -1, kh, kw))
+            # (and with no channel kept: F.conv2d over zero input channels answers zero outputs)
+            kept = len(self.kept_channels)
+            full = kept == 0 or kept > _TRAIN_SELECT_MAX_KEPT * self.in_channels
+            weight = self._train_weight(full, _is_channels_last(x))
             return self._finish(F.conv2d(x if full else self._select(x), weight, self.bias, self.stride,
                                          self.padding, self.dilation))
         self._refresh()
@@ -423,6 +460,8 @@ class KSEConv2d(nn.Module):
         the listed batch size nearest to its own (geometrically: here batches 1-8 fused, 9 and
         up full)."""
         entries = parse_form(form)
+        if len(self.kept_channels) == 0:  # F.conv2d over zero input channels answers zero outputs
+            entries = [(b, "full" if f in ("dense", "split") else f) for b, f in entries]
         if any(f == "fused" for _, f in entries):
             from . import fused
 
