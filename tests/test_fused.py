@@ -292,16 +292,17 @@ def _train_weight(layer, full, channels_last, extension, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_training_weight_from_the_extension_equals_stock_operations(dtype, full, channels_last, monkeypatch):
+@pytest.mark.parametrize("k", [(3, 2), (5, 5)])  # 6 and 25 taps: less than one vector and two vectors
+def test_training_weight_from_the_extension_equals_stock_operations(dtype, full, channels_last, k, monkeypatch):
     g = torch.Generator().manual_seed(3)
-    conv = nn.Conv2d(7, 9, (3, 2), bias=False)
-    counts = torch.tensor([0, 3, 1, 9, 0, 2, 5])
+    conv = nn.Conv2d(19, 9, k, bias=False)  # 19 columns with full: a block of 16 and a tail
+    counts = torch.tensor([0, 3, 1, 9, 0, 2, 5] + [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
     layer = KSEConv2d.from_conv(conv, counts).to(dtype).train()
     fast = _train_weight(layer, full, channels_last, True, monkeypatch)
     stock = _train_weight(layer, full, channels_last, False, monkeypatch)
     assert fast.grad_fn.name().endswith("ExpandWeight>") and not stock.grad_fn.name().endswith("ExpandWeight>")
     assert layer._train_cached("rows", full)[1]  # own centroids per channel: the backward runs in parallel
-    assert fast.shape == stock.shape == (9, 7 if full else 5, 3, 2) and fast.stride() == stock.stride()
+    assert fast.shape == stock.shape == (9, 19 if full else 16, *k) and fast.stride() == stock.stride()
     assert torch.equal(fast, stock)
     for upstream in (torch.randn(stock.shape, generator=g), torch.randn(stock.shape, generator=g).contiguous(
             memory_format=torch.contiguous_format if channels_last else torch.channels_last)):  # either layout
