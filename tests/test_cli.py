@@ -129,6 +129,24 @@ def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finet
     assert [r["epoch"] for r in rows] == [1, 2]  # epoch 1 came from last.ckpt
 
 
+def test_finetune_says_when_it_loads_the_training_extension(work, compressed, monkeypatch):
+    from kse import fused
+
+    argv = ["finetune", "--checkpoint", compressed[0], "--epochs", 1, "--max-steps", 1, "--batch-size", 8,
+            "--fake-size", 16, *TINY]
+    monkeypatch.setattr(fused, "loaded", lambda: False)  # as in a fresh process
+    _, err = ok([*argv, "--out", work / "ft-ext1"])
+    assert "loading the compiled extension for CPU training steps" in err
+    monkeypatch.setattr(fused, "loaded", lambda: True)  # already loaded: nothing to say
+    _, err = ok([*argv, "--out", work / "ft-ext2"])
+    assert "compiled extension" not in err
+    monkeypatch.setattr(fused, "available", lambda: False)  # no compiler: the stock operations, said once
+    monkeypatch.setattr(fused, "build_error", lambda: "no compiler here")
+    _, err = ok([*argv, "--out", work / "ft-ext3"])
+    assert "note: no compiled extension (no compiler here); W' is built with stock operations" in err
+    assert (work / "ft-ext3" / "model.kse").is_file()
+
+
 def test_eval_json(baseline, finetuned):
     results = {}
     for name, path in (("base", baseline), ("kse", finetuned / "model.kse")):

@@ -441,6 +441,20 @@ def _stage(command: str, msg: str) -> None:
     print(f"kse {command}: {msg}", file=sys.stderr, flush=True)
 
 
+def _training_extension(command: str, model: torch.nn.Module, device: torch.device, say: bool = True) -> None:
+    """Load the compiled extension that builds W' in CPU training steps before the first one
+    (building it on first use takes a while once per machine), with a note saying so."""
+    if device.type != "cpu" or not _kse_layers(model):
+        return
+    from . import fused
+
+    if say and not fused.loaded():
+        _stage(command, "loading the compiled extension for CPU training steps (built on first use with a C++ "
+                        "compiler, about 20 s once per machine)")
+    if not fused.available() and say:
+        _stage(command, f"note: no compiled extension ({fused.build_error()}); W' is built with stock operations")
+
+
 def _set_threads(n: Optional[int]) -> None:
     if n is not None:
         _at_least("--threads", n, 1)
@@ -759,6 +773,7 @@ def _finetune(args: argparse.Namespace, path: Path, cfg, device: torch.device, d
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = _wrap_ddp(model, device, False) if distributed else model
+    _training_extension("finetune", model, device, say=is_main_process())
     if is_main_process():
         _stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
                            f"{cfg.schedule}, device {device}")
@@ -1234,6 +1249,7 @@ def _demo_finetune(model, train_loader, args, device) -> Dict[str, Any]:
                       schedule="multistep", milestones=[0.5], gamma=0.1, seed=args.seed, channels_last=False,
                       max_steps_per_epoch=steps)
     optimizer = build_optimizer(model, cfg)
+    _training_extension("demo", model, device)
     rows = []
     for epoch in range(epochs):
         torch.manual_seed(args.seed * 1000 + epoch)

@@ -593,6 +593,12 @@ def _build():
         return _module
 
 
+def loaded() -> bool:
+    """Whether the extension is already loaded (or known not to build) in this process: calling
+    :func:`available` then costs nothing."""
+    return _module is not None or _error is not None
+
+
 def available() -> bool:
     """Whether the fused kernel is compiled and usable (builds it on first call)."""
     return _build() is not None
