@@ -313,6 +313,38 @@ def test_training_weight_from_the_extension_equals_stock_operations(dtype, full,
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_training_form_without_autograd_does_not_touch_the_extension(monkeypatch):
+    layer = KSEConv2d.from_conv(nn.Conv2d(4, 5, 3, padding=1), torch.tensor([0, 3, 1, 5]))
+    calls = []
+    monkeypatch.setattr(fused, "available", lambda: calls.append(1) or True)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y = layer.eval()(x)  # evaluating in the training form
+    assert calls == [] and y.shape == (2, 5, 6, 6)
+    layer.train()(x)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("counts", [[0, 3, 1, 5], [0, 0, 2, 5]])  # all channels with zero kernels, and gathered
+def test_gradient_of_the_centroid_gradient_equals_stock_operations(channels_last, counts, monkeypatch):
+    # a second-order use (as in MAML or a penalty on parameter gradients): the centroid gradient
+    # with create_graph, then the gradient of its norm
+    torch.manual_seed(5)
+    layer = KSEConv2d.from_conv(nn.Conv2d(4, 5, 3, padding=1), torch.tensor(counts)).double().train()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    second = []
+    for extension in (True, False):
+        monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+        loss = layer(x).tanh().square().sum()
+        g, = torch.autograd.grad(loss, layer.centroids, create_graph=True)
+        second.append((g.detach(), torch.autograd.grad(g.square().sum(), layer.centroids)[0]))
+    torch.testing.assert_close(second[0][0], second[1][0])
+    assert second[1][1].abs().max() > 0
+    torch.testing.assert_close(second[0][1], second[1][1])
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_expand_weight_gradcheck_zero_kernels_and_bad_rows(channels_last):
     cents = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)

@@ -335,11 +335,12 @@ class KSEConv2d(nn.Module):
         or with ``full`` over all of them (zero kernels for the dropped ones), laid out
         ``channels_last`` or NCHW.
 
-        On the CPU, with the compiled extension, in one call of :func:`kse.fused.expand_weight`
-        (one autograd node); otherwise, and as its reference, with stock operations
-        (:func:`gather_elements`)."""
-        if (_TRAIN_EXPAND_EXTENSION and self.centroids.device.type == "cpu" and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling()):
+        When autograd records it, on the CPU, with the compiled extension: in one call of
+        :func:`kse.fused.expand_weight` (one autograd node). Otherwise, and as its reference, with
+        stock operations (:func:`gather_elements`): so evaluating in the training form under
+        ``no_grad`` neither needs nor builds the extension."""
+        if (_TRAIN_EXPAND_EXTENSION and self.centroids.device.type == "cpu" and torch.is_grad_enabled()
+                and self.centroids.requires_grad and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
             from . import fused
 
             if fused.available():

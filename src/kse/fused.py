@@ -513,6 +513,15 @@ struct ExpandWeight : public torch::autograd::Function<ExpandWeight> {
     const int64_t kw = ctx->saved_data["kw"].toInt(), N = rows.size(0), J = rows.size(1);
     const auto strides = weight_strides(J, kh, kw, cl);
     at::Tensor g = grads[0];
+    if (g.requires_grad()) {  // create_graph (a gradient of this gradient): the same sums with ATen operations,
+      const int64_t D = kh * kw;  // which autograd records, for W'[n, j, t] = cents[rows[n, j], t]
+      const at::Tensor r = rows.to(at::kLong);
+      const at::Tensor idx = r.unsqueeze(2) * D + at::arange(D, r.options());
+      const at::Tensor used = (r >= 0).unsqueeze(2).expand_as(idx);
+      const at::Tensor gc = at::zeros({M * D}, g.options()).index_add(0, idx.masked_select(used),
+                                                                       g.reshape({N, J, D}).masked_select(used));
+      return {gc.view({M, kh, kw}), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     if (g.strides() != at::IntArrayRef(strides)) g = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
     at::Tensor gc = at::zeros({M, kh, kw}, g.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "kse_expand_weight_backward", [&] {
