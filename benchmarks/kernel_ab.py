@@ -8,7 +8,7 @@ centroid rows (``kse.fused.chunk_rows`` chooses them). Instead of a checkpoint,
 ``--resnet50 --G 5 --T 1`` compresses torchvision's ResNet-50 (random weights, 224x224).
 
     python benchmarks/kernel_ab.py --checkpoint checkpoints/resnet56-fmnist-g4.kse \\
-        --against HEAD~1 --batch-size 64 [--rounds 4] [--threads 2] [--layers PAT]
+        --against HEAD~1 --batch-size 64 [--rounds 4] [--threads 2] [--layers PAT] [--channels-last]
     python benchmarks/kernel_ab.py --resnet50 --G 5 --T 1 --against-chunk-rows 128 --batch-size 16
 
 Prints one JSON object: per layer and per stage (first part of the layer name) the two times
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="give each layer its input in channels_last (the kernel answers channels_last)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +107,8 @@ def main() -> None:
     with torch.no_grad():
         for name in names:
             layer, x = model.get_submodule(name), inputs[name]
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             prepared = {"this": fused.prepare(layer), "against": fused.prepare(layer, args.against_chunk_rows)}
             call = {k: (lambda x, m=m, t=prepared[k]: m.fused_conv(
                         x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"], t["bias"], t["chunks"],
@@ -129,6 +133,7 @@ def main() -> None:
         stage["this_ms"], stage["against_ms"] = round(stage["this_ms"], 3), round(stage["against_ms"], 3)
     this, against = sum(r["this_ms"] for r in layers), sum(r["against_ms"] for r in layers)
     print(json.dumps({"benchmark": "kernel_ab", "against": rev, "batch_size": args.batch_size,
+                      "channels_last": args.channels_last,
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "total": {"this_ms": round(this, 3), "against_ms": round(against, 3),
                                 "speedup": round(against / this, 3)},
