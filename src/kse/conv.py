@@ -11,12 +11,14 @@ of the kernels assigned to it (KSE.md §6). All centroids of a layer live in one
 ``centroids: Tensor[M, kh, kw]`` (M = sum_c q_c); ``assignment: LongTensor[C_kept, N]``
 holds, for each kept channel and output, the row of its centroid.
 
-Forms (``layer.form``): ``"train"`` rebuilds W' every call (gradients reach the centroids);
-``"dense"`` caches W' once (inference: a dense conv over the kept channels); ``"full"`` caches
-it zero-filled over all input channels (no gather of the input: never slower than the
-original conv); ``"split"
-is the paper's deployment (Fig. 2): convolve every kept map with its q_c centroids, then
-sum the maps of the assigned centroids ("channel fusion"). See :func:`kse.deploy_`.
+Forms (``layer.form``): ``"train"`` rebuilds W' every call (gradients reach the centroids; on
+the CPU in one call of the compiled :func:`kse.fused.expand_weight`, else with stock
+operations); ``"dense"`` caches W' once (inference: a dense conv over the kept channels);
+``"full"`` caches it zero-filled over all input channels (no gather of the input: never slower
+than the original conv); ``"split"`` is the paper's deployment (Fig. 2): convolve every kept
+map with its q_c centroids, then sum the maps of the assigned centroids ("channel fusion");
+``"fused"`` does both in one pass of the compiled kernel (:mod:`kse.fused`). See
+:func:`kse.deploy_`.
 
 Example::
 
