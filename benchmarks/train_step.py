@@ -108,7 +108,8 @@ def main() -> None:
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
               "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
               "select_max_kept": kse.conv._TRAIN_SELECT_MAX_KEPT,
-              "weight_built_by": "extension" if kse.fused.available() else f"stock operations ({kse.fused.build_error()})"}
+              "weight_built_by": ("stock operations (not on the CPU)" if args.device != "cpu" else "extension"
+                                  if kse.fused.available() else f"stock operations ({kse.fused.build_error()})")}
     for (name, amp), ts in samples.items():
         key = f"{name}_{'bf16' if amp else 'fp32'}"
         med = statistics.median(ts)
