@@ -773,10 +773,10 @@ def _finetune(args: argparse.Namespace, path: Path, cfg, device: torch.device, d
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = _wrap_ddp(model, device, False) if distributed else model
-    _training_extension("finetune", model, device, say=is_main_process())
     if is_main_process():
         _stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
                            f"{cfg.schedule}, device {device}")
+    _training_extension("finetune", model, device, say=is_main_process())
     history = fit(net, train_loader, test_loader, cfg, out, device, resume=args.resume)
     if is_main_process():
         final = out / "model.kse"

@@ -37,6 +37,7 @@ import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -178,6 +179,14 @@ _TRAIN_SELECT_MAX_KEPT = 2 / 3
 _TRAIN_EXPAND_EXTENSION = True
 
 
+def _plain_autograd() -> bool:
+    """Eager reverse-mode autograd only, which the extension's C++ autograd node supports: no
+    ``torch.func`` transform (grad, vmap, jacrev), no forward-mode AD level, no tracing or
+    compiling."""
+    return not (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+                or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
 def _is_channels_last(x: Tensor) -> bool:
     """A 4-D tensor laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -301,11 +310,13 @@ class KSEConv2d(nn.Module):
         ``"index"``, for every element of W' its position in the flattened ``[M + 1, kh * kw]``
         table of centroids plus a zero row (row M, for dropped channels), in NCHW or
         ``channels_last`` memory order."""
-        a, k = self.assignment, self.kept_channels
-        key = (a.data_ptr(), a._version, k.data_ptr(), k._version, a.device, len(self.centroids))
+        a, k, m = self.assignment, self.kept_channels, len(self.centroids)
+        # keyed on the tensors themselves (held, so that no new tensor can take a freed one's
+        # address) and their versions: a new buffer, a device move or an in-place edit rebuilds
         cache = self.__dict__.get("_index_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, {})
+        if cache is None or not (cache[0][0] is a and cache[0][1] == a._version and cache[0][2] is k
+                                 and cache[0][3] == k._version and cache[0][4] == m):
+            cache = ((a, a._version, k, k._version, m), {})
             self.__dict__["_index_cache"] = cache
         found = cache[1].get((what, full, channels_last))
         if found is not None:
@@ -314,11 +325,11 @@ class KSEConv2d(nn.Module):
         if full:
             rows = torch.full((self.out_channels, self.in_channels), -1, dtype=torch.long,
                               device=rows.device).index_copy_(1, self.kept_channels, rows)
-        if what == "rows":  # and whether no centroid row serves two input channels (true for KSE layers)
-            used = rows >= 0
+        if what == "rows":  # and whether no centroid row serves two input channels (true for KSE layers):
+            used = rows >= 0  # give every row the column of one of its users; all agree iff none is shared
             cols = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)[used]
-            pairs = torch.unique(torch.stack([rows[used], cols]), dim=1) if used.any() else cols.view(2, 0)
-            found = (rows.to(torch.int32).contiguous(), pairs.shape[1] == len(torch.unique(rows[used])))
+            owner = torch.full((m,), -1, dtype=torch.long, device=rows.device).index_put_((rows[used],), cols)
+            found = (rows.to(torch.int32).contiguous(), bool((owner[rows[used]] == cols).all()))
         else:
             rows = torch.where(rows < 0, len(self.centroids), rows)
             d = self.kernel_size[0] * self.kernel_size[1]
@@ -340,9 +351,10 @@ class KSEConv2d(nn.Module):
         When autograd records it, on the CPU, with the compiled extension: in one call of
         :func:`kse.fused.expand_weight` (one autograd node). Otherwise, and as its reference, with
         stock operations (:func:`gather_elements`): so evaluating in the training form under
-        ``no_grad`` neither needs nor builds the extension."""
+        ``no_grad`` neither needs nor builds the extension, and ``torch.func`` transforms,
+        forward-mode AD, tracing and compiling get operations they know."""
         if (_TRAIN_EXPAND_EXTENSION and self.centroids.device.type == "cpu" and torch.is_grad_enabled()
-                and self.centroids.requires_grad and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+                and self.centroids.requires_grad and _plain_autograd()):
             from . import fused
 
             if fused.available():

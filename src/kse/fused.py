@@ -513,22 +513,28 @@ struct ExpandWeight : public torch::autograd::Function<ExpandWeight> {
     const int64_t kw = ctx->saved_data["kw"].toInt(), N = rows.size(0), J = rows.size(1);
     const auto strides = weight_strides(J, kh, kw, cl);
     at::Tensor g = grads[0];
-    if (g.requires_grad()) {  // create_graph (a gradient of this gradient): the same sums with ATen operations,
-      const int64_t D = kh * kw;  // which autograd records, for W'[n, j, t] = cents[rows[n, j], t]
+    if (g.requires_grad() || !g.has_storage()) {
+      // create_graph (a gradient of this gradient), or a gradient without storage (batched, as
+      // with is_grads_batched): the same sums with ATen operations, which autograd records and
+      // vmap batches; W'[n, j, t] = cents[rows[n, j], t], dropped kernels summed into a row M
+      const int64_t D = kh * kw;
       const at::Tensor r = rows.to(at::kLong);
-      const at::Tensor idx = r.unsqueeze(2) * D + at::arange(D, r.options());
-      const at::Tensor used = (r >= 0).unsqueeze(2).expand_as(idx);
-      const at::Tensor gc = at::zeros({M * D}, g.options()).index_add(0, idx.masked_select(used),
-                                                                       g.reshape({N, J, D}).masked_select(used));
-      return {gc.view({M, kh, kw}), at::Tensor(), at::Tensor(), at::Tensor()};
+      const at::Tensor idx = (at::where(r >= 0, r, M).unsqueeze(2) * D + at::arange(D, r.options())).reshape({-1});
+      const at::Tensor gc = at::zeros({(M + 1) * D}, g.options()).index_add(0, idx, g.reshape({-1}));
+      return {gc.narrow(0, 0, M * D).view({M, kh, kw}), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    if (g.strides() != at::IntArrayRef(strides)) g = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+    // float16 / bfloat16 gradients are summed in float32 (a centroid may collect hundreds of
+    // kernel gradients), then rounded once
+    const auto type = g.scalar_type();
+    const auto sum_type = type == at::kHalf || type == at::kBFloat16 ? at::kFloat : type;
+    if (g.strides() != at::IntArrayRef(strides) || sum_type != type)
+      g = at::empty_strided(g.sizes(), strides, g.options().dtype(sum_type)).copy_(g);
     at::Tensor gc = at::zeros({M, kh, kw}, g.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "kse_expand_weight_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kse_expand_weight_backward", [&] {
       reduce_rows<scalar_t>(g.data_ptr<scalar_t>(), rows.data_ptr<int32_t>(), gc.data_ptr<scalar_t>(), N, J, kh * kw,
                             cl, disjoint);
     });
-    return {gc, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gc.to(type), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -591,7 +597,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v18", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v20", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
