@@ -331,7 +331,7 @@ class KSEConv2d(nn.Module):
             owner = torch.full((m,), -1, dtype=torch.long, device=rows.device).index_put_((rows[used],), cols)
             found = (rows.to(torch.int32).contiguous(), bool((owner[rows[used]] == cols).all()))
         else:
-            rows = torch.where(rows < 0, len(self.centroids), rows)
+            rows = torch.where(rows < 0, m, rows)
             d = self.kernel_size[0] * self.kernel_size[1]
             taps = torch.arange(d, device=rows.device)
             if channels_last:  # [N, kh * kw, C]
