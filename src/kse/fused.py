@@ -435,9 +435,9 @@ static void reduce_rows(const T* g, const int32_t* rows, T* gc, int64_t N, int64
 
 #if defined(__AVX512F__)
 // float32 with AVX-512, the same values as expand_rows: channels_last, one gather per tap t for
-// 16 kernels (rows masked where < 0); NCHW, a masked load and store of each kernel's D taps. On a
-// 64 x 64 x 3 x 3 channels_last weight 17 us against 27 us for the loop (this project's CPU). A
-// vector backward (gather, add, scatter) was no faster than the loop
+// 16 kernels (rows masked where < 0); NCHW, a masked load and store of each kernel's D taps
+// (faster than the loop on channels_last weights; a vector backward, gather / add / scatter, was
+// not, and the backward stays a loop). benchmarks/train_weight.py times the whole build
 static inline __mmask16 first_lanes(int64_t w) { return (__mmask16)((1u << w) - 1u); }
 
 static void expand_rows_f32(const float* c, const int32_t* rows, float* out, int64_t N, int64_t J, int64_t D,
@@ -597,7 +597,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v20", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v21", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
