@@ -52,8 +52,7 @@ def main() -> None:
     for name, layer in model.named_modules():
         if not isinstance(layer, KSEConv2d) or not fnmatch.fnmatch(name, args.layers):
             continue
-        kept = len(layer.kept_channels)
-        full = kept == 0 or kept > kse.conv._TRAIN_SELECT_MAX_KEPT * layer.in_channels  # as the forward decides
+        full = layer._train_full()  # as the forward decides
         upstream = torch.randn_like(layer._train_weight(full, cl))
 
         def forward(ext: bool):

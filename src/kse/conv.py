@@ -342,6 +342,14 @@ class KSEConv2d(nn.Module):
         cache[1][(what, full, channels_last)] = found
         return found
 
+    def _train_full(self) -> bool:
+        """Whether a training step convolves all input channels (zero kernels for the dropped
+        ones) rather than gathering the kept ones: with few channels dropped the gather (and the
+        scatter of its gradient) costs more than it saves; and with no channel kept, as F.conv2d
+        over zero input channels answers zero outputs."""
+        kept = len(self.kept_channels)
+        return kept == 0 or kept > _TRAIN_SELECT_MAX_KEPT * self.in_channels
+
     def _train_weight(self, full: bool, channels_last: bool) -> Tensor:
         """W' for a training step, rebuilt from the centroids on every call (so that their
         gradient is the sum of their kernels' gradients, KSE.md §6): over the kept input channels,
@@ -385,12 +393,8 @@ class KSEConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.form == "train" or (self.training and torch.is_grad_enabled()):
-            # training always rebuilds W' from the centroids, whatever the inference form. With
-            # few channels dropped, gathering the input (and scattering its gradient) costs more
-            # than it saves: all channels are convolved, dropped ones with zero kernels
-            # (and with no channel kept: F.conv2d over zero input channels answers zero outputs)
-            kept = len(self.kept_channels)
-            full = kept == 0 or kept > _TRAIN_SELECT_MAX_KEPT * self.in_channels
+            # training always rebuilds W' from the centroids, whatever the inference form
+            full = self._train_full()
             weight = self._train_weight(full, _is_channels_last(x))
             return self._finish(F.conv2d(x if full else self._select(x), weight, self.bias, self.stride,
                                          self.padding, self.dilation))

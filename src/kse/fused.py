@@ -386,9 +386,14 @@ TORCH_LIBRARY(kse, m) {
 // channels_last; backward: grad cents[r] = sum of the gradients of the kernels that use r.
 // One call and one autograd node per layer, in place of the stock pad / index_select / view /
 // permute and their backward nodes.
+// work items per thread chunk for at::parallel_for: about 32768 elements each (at least LOW items)
+static int64_t grain(int64_t low, int64_t elements_per_item) {
+  return std::max<int64_t>(low, 32768 / std::max<int64_t>(1, elements_per_item));
+}
+
 template <typename T>
 static void expand_rows(const T* c, const int32_t* rows, T* out, int64_t N, int64_t J, int64_t D, bool cl) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, J * D)), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain(1, J * D), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       T* o = out + n * J * D;
       const int32_t* rn = rows + n * J;
@@ -429,7 +434,7 @@ static void reduce_rows(const T* g, const int32_t* rows, T* gc, int64_t N, int64
       }
     }
   };
-  if (disjoint) at::parallel_for(0, J, std::max<int64_t>(16, 32768 / std::max<int64_t>(1, N * D)), columns);
+  if (disjoint) at::parallel_for(0, J, grain(16, N * D), columns);
   else columns(0, J);
 }
 
@@ -442,7 +447,7 @@ static inline __mmask16 first_lanes(int64_t w) { return (__mmask16)((1u << w) - 
 
 static void expand_rows_f32(const float* c, const int32_t* rows, float* out, int64_t N, int64_t J, int64_t D,
                             bool cl) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, J * D)), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain(1, J * D), [&](int64_t n0, int64_t n1) {
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t n = n0; n < n1; ++n) {
       float* o = out + n * J * D;
@@ -597,7 +602,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v21", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v22", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
