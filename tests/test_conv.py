@@ -154,6 +154,37 @@ def test_cached_forms_train_and_refresh():
         torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("extension", [True, False])
+@pytest.mark.parametrize("counts", [[0, 3, 1, 5, 2, 8], [0, 0, 0, 5, 2, 8]])  # all channels convolved, and gathered
+def test_training_weight_follows_edits_of_the_assignment(extension, counts, monkeypatch):
+    # W' for training comes from index tensors cached per layer: an in-place edit of the
+    # assignment, or a new assignment / kept-channel buffer, must rebuild them
+    import kse.conv
+
+    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+    conv, layer, _ = make_layer(counts=torch.tensor(counts))
+    layer.train()
+    x = torch.randn(2, 6, 7, 7)
+
+    def check():
+        out = layer(x)
+        out.sum().backward()  # through the cached rows as well
+        torch.testing.assert_close(out, layer.to_conv()(x), rtol=1e-5, atol=1e-5)
+
+    check()
+    j = int((layer.centroid_counts > 1).nonzero()[0])  # a kept channel with two centroids or more
+    with torch.no_grad():
+        layer.assignment[j] = layer.assignment[j].max()  # in place: every kernel of it on one centroid
+    check()
+    layer.assignment = layer.assignment.flip(1).clone()  # a new buffer (output channels permuted)
+    check()
+    layer.kept_channels = layer.kept_channels.flip(0).clone()  # a new buffer: each slot reads another channel
+    check()
+    with torch.no_grad():
+        layer.kept_channels[0] = 0  # in place: channel 0 (dropped so far) instead
+    check()
+
+
 def test_float64_layer_keeps_precision():
     conv = nn.Conv2d(3, 4, 3).double()
     layer = KSEConv2d.from_conv(conv, torch.tensor([4, 2, 4]))

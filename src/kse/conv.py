@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused
 from .kmeans import batched_kmeans, draw_seeds
 
 FORMS = ("train", "dense", "full", "split", "fused")
@@ -303,16 +304,19 @@ class KSEConv2d(nn.Module):
         rows = self.centroids.reshape(-1, kh * kw).index_select(0, self.assignment.t().reshape(-1))
         return rows.view(N, K, kh, kw)
 
-    def _train_cached(self, what: str, full: bool, channels_last: bool = False):
+    def _train_cached(self, what: str, full: bool, channels_last: bool = False, centroids: Optional[Tensor] = None):
         """Index tensors for building W' in training, cached until the assignment changes:
         ``"rows"``, the centroid row of each kernel (``int32 [N, C_kept]``, or with ``full``
         ``[N, C]`` with -1 for the dropped channels) with whether no row serves two channels;
         ``"index"``, for every element of W' its position in the flattened ``[M + 1, kh * kw]``
         table of centroids plus a zero row (row M, for dropped channels), in NCHW or
-        ``channels_last`` memory order."""
-        a, k, m = self.assignment, self.kept_channels, len(self.centroids)
+        ``channels_last`` memory order. ``centroids``: ``self.centroids``, if the caller has it."""
         # keyed on the tensors themselves (held, so that no new tensor can take a freed one's
-        # address) and their versions: a new buffer, a device move or an in-place edit rebuilds
+        # address) and their versions: a new buffer, a device move or an in-place edit rebuilds.
+        # Read from the module's dicts (nn.Module.__getattr__ costs microseconds a call, and this
+        # runs for every layer on every training step)
+        a, k = self._buffers["assignment"], self._buffers["kept_channels"]
+        m = (self.centroids if centroids is None else centroids).shape[0]
         cache = self.__dict__.get("_index_cache")
         if cache is None or not (cache[0][0] is a and cache[0][1] == a._version and cache[0][2] is k
                                  and cache[0][3] == k._version and cache[0][4] == m):
@@ -347,7 +351,7 @@ class KSEConv2d(nn.Module):
         ones) rather than gathering the kept ones: with few channels dropped the gather (and the
         scatter of its gradient) costs more than it saves; and with no channel kept, as F.conv2d
         over zero input channels answers zero outputs."""
-        kept = len(self.kept_channels)
+        kept = self._buffers["kept_channels"].shape[0]
         return kept == 0 or kept > _TRAIN_SELECT_MAX_KEPT * self.in_channels
 
     def _train_weight(self, full: bool, channels_last: bool) -> Tensor:
@@ -361,15 +365,13 @@ class KSEConv2d(nn.Module):
         stock operations (:func:`gather_elements`): so evaluating in the training form under
         ``no_grad`` neither needs nor builds the extension, and ``torch.func`` transforms,
         forward-mode AD, tracing and compiling get operations they know."""
-        if (_TRAIN_EXPAND_EXTENSION and self.centroids.device.type == "cpu" and torch.is_grad_enabled()
-                and self.centroids.requires_grad and _plain_autograd()):
-            from . import fused
-
-            if fused.available():
-                rows, disjoint = self._train_cached("rows", full)
-                return fused.expand_weight(self.centroids, rows, channels_last, disjoint)
+        p = self.centroids
+        if (_TRAIN_EXPAND_EXTENSION and p.is_cpu and p.requires_grad and torch.is_grad_enabled()
+                and _plain_autograd() and fused.available()):
+            rows, disjoint = self._train_cached("rows", full, centroids=p)
+            return fused.expand_weight(p, rows, channels_last, disjoint)
         kh, kw = self.kernel_size
-        weight = gather_elements(self.centroids.reshape(-1, kh * kw), self._train_cached("index", full, channels_last))
+        weight = gather_elements(p.reshape(-1, kh * kw), self._train_cached("index", full, channels_last, p))
         return (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if channels_last
                 else weight.view(self.out_channels, -1, kh, kw))
 
@@ -396,16 +398,14 @@ class KSEConv2d(nn.Module):
             # training always rebuilds W' from the centroids, whatever the inference form
             full = self._train_full()
             weight = self._train_weight(full, _is_channels_last(x))
-            return self._finish(F.conv2d(x if full else self._select(x), weight, self.bias, self.stride,
-                                         self.padding, self.dilation))
+            out = F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+            return out if self._epilogue is None else self._finish(out)
         self._refresh()
         form = self._form_for_batch(x.shape[0])
         d = self._deploy[form]
         if form == "split":
             return self._forward_split(x, d)
         if form == "fused":
-            from . import fused
-
             if x.device.type == "cpu" and x.dtype == torch.float32:
                 return fused.fused_conv(x, d, self.kernel_size, self.padding)
             inputs, weight = self._select(x), self.clustered_weight().to(x.dtype)  # another device / dtype
@@ -482,8 +482,6 @@ class KSEConv2d(nn.Module):
         if len(self.kept_channels) == 0:  # F.conv2d over zero input channels answers zero outputs
             entries = [(b, "full" if f in ("dense", "split") else f) for b, f in entries]
         if any(f == "fused" for _, f in entries):
-            from . import fused
-
             if not fused.supports(self):
                 raise ValueError("the fused form needs stride 1, dilation 1, float32 centroids and a kept channel; "
                                  f"this layer has stride {tuple(self.stride)}, dilation {tuple(self.dilation)}, "
@@ -505,8 +503,6 @@ class KSEConv2d(nn.Module):
                         weight, bias = weight * scale.view(-1, 1, 1, 1), shift
                     self._deploy[f] = {"weight": weight, "bias": bias}
                 elif f == "fused":
-                    from . import fused
-
                     self._deploy[f] = fused.prepare(self)
                 else:
                     self._deploy[f] = self._split_tensors()

@@ -621,7 +621,7 @@ def loaded() -> bool:
 
 def available() -> bool:
     """Whether the fused kernel is compiled and usable (builds it on first call)."""
-    return _build() is not None
+    return _module is not None or _build() is not None
 
 
 def library_path() -> Optional[str]:
