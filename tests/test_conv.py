@@ -267,3 +267,17 @@ def test_layer_without_kept_channels_answers_its_bias(form):
     if form == "train":
         y.sum().backward()
         torch.testing.assert_close(layer.bias.grad, torch.full((4,), 50.0))
+
+
+def test_layer_pickles_with_its_hooks():
+    import pickle
+
+    conv, layer, _ = make_layer()
+    layer.set_form("split").eval()
+    copy_ = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), layer(x))
+    copy_.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})  # its post-load hook runs
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x) - layer.bias.view(1, -1, 1, 1), 2 * (layer(x) - layer.bias.view(1, -1, 1, 1)))

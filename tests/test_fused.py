@@ -421,3 +421,102 @@ def test_func_transforms_forward_ad_and_batched_gradients_equal_stock_operations
             got[extension] = case()
         assert got[False].abs().max() > 0, name
         torch.testing.assert_close(got[True], got[False], msg=name)
+
+
+@pytest.mark.parametrize("form", ["fused", "dense", "full", "split"])
+def test_eval_mode_gradients_equal_the_training_form(form):
+    # an eval-mode call that needs gradients (a saliency map, an adversarial input, fine-tuning
+    # with BatchNorm frozen) runs differentiably: the kernel has no backward, and the cached
+    # weights of the other forms are constants
+    net = tiny_kse()
+    ref_net = copy.deepcopy(net)
+    kse.deploy_(net, form=form)
+    x = torch.randn(3, 1, 16, 16)
+
+    def grads(model):
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad()
+        model(xi).square().sum().backward()
+        return xi.grad, [m.centroids.grad for m in model.modules() if isinstance(m, KSEConv2d)]
+
+    gx, gc = grads(net)
+    rx, rc = grads(ref_net)  # the training form, in eval mode
+    assert_same_function(gx, rx, 1e-4)
+    assert all(g is not None for g in gc)
+    for g, r in zip(gc, rc):
+        assert_same_function(g, r, 1e-4)
+    with torch.no_grad():  # inference still runs the deployed form
+        assert_same_function(net(x), ref_net(x))
+    forms = {m.form for m in net.modules() if isinstance(m, KSEConv2d)}
+    assert forms == {form} or (form == "fused" and forms == {"fused", "dense"})  # stride 2: no kernel
+
+
+def test_tracing_an_eval_model_records_the_deployed_form():
+    net = tiny_kse()
+    kse.deploy_(net, form="fused")
+    x = torch.randn(2, 1, 16, 16)
+    traced = torch.jit.trace(net, x)  # grad mode on, parameters requiring gradients
+    assert "kse::fused_conv" in str(traced.inlined_graph)
+    with torch.no_grad():
+        assert_same_function(traced(x), net(x))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_fused", "adam_fused", "sgd_foreach"])
+def test_deployed_forms_follow_optimizer_steps(optimizer):
+    # fused optimizers update parameters without bumping their version counters: the forms
+    # cached for inference must be rebuilt after a training step all the same
+    net = tiny_kse()
+    kse.deploy_(net, form="fused@1,dense@4")
+    params = list(net.parameters())
+    opt = {"sgd_fused": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True),
+           "adam_fused": lambda: torch.optim.Adam(params, lr=0.01, fused=True),
+           "sgd_foreach": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)}[optimizer]()
+    x = torch.randn(4, 1, 16, 16)
+    for _ in range(2):
+        net.train()
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():
+            got1, got4 = net(x[:1]), net(x)
+        ref = copy.deepcopy(net)
+        for m in ref.modules():
+            if isinstance(m, KSEConv2d):
+                m.set_form("train")
+        with torch.no_grad():
+            want = ref(x)
+        assert_same_function(got4, want)
+        assert_same_function(got1, want[:1])
+
+
+def test_changing_the_dtype_of_a_fused_model_falls_back_to_a_stock_form():
+    net = tiny_kse()
+    kse.deploy_(net, form="fused")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    with pytest.warns(RuntimeWarning, match="fused form needs float32"):
+        net.double()
+    assert all(p.dtype == torch.float64 for p in net.parameters())  # converted whole
+    assert {m.form for m in net.modules() if isinstance(m, KSEConv2d)} == {"dense"}
+    with torch.no_grad():
+        assert_same_function(net(x.double()).float(), ref)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_paddings_run_in_the_kernel(padding):
+    torch.manual_seed(0)
+    layer = KSEConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=padding), torch.tensor([0, 3, 8, 2, 5, 1])).eval()
+    assert fused.supports(layer)
+    x = torch.randn(2, 6, 7, 9)
+    with torch.no_grad():
+        ref = layer(x)
+        got = layer.set_form("fused")(x)
+    assert got.shape == ref.shape == ((2, 8, 7, 9) if padding == "same" else (2, 8, 5, 7))
+    assert_same_function(got, ref)
+    # an even kernel under "same" pads one side more: not for the kernel, a clear error
+    even = KSEConv2d.from_conv(nn.Conv2d(6, 8, 2, padding="same"), torch.tensor([0, 3, 8, 2, 5, 1]))
+    assert even.kernel_padding() is None and not fused.supports(even)
+    with pytest.raises(ValueError, match="equal padding on both sides"):
+        even.set_form("fused")

@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -208,6 +209,11 @@ def gather_elements(rows: Tensor, index: Tensor) -> Tensor:
     return F.pad(rows, (0, 0, 0, 1)).reshape(-1).index_select(0, index)
 
 
+def _refresh_after_load(module: "KSEConv2d", incompatible_keys) -> None:
+    """load_state_dict post hook (a module-level function, so that the layer can be pickled)."""
+    module._refresh()
+
+
 class KSEConv2d(nn.Module):
     """2D convolution with KSE-clustered kernels and skipped input channels.
 
@@ -243,7 +249,7 @@ class KSEConv2d(nn.Module):
         self._batch_forms: List[Tuple[int, str]] = [(1, "train")]
         self._deploy: dict = {}
         self._epilogue: Optional[Tuple[Tensor, Tensor, bool]] = None  # inference only: see set_epilogue
-        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -388,14 +394,43 @@ class KSEConv2d(nn.Module):
             return x.permute(0, 2, 3, 1).index_select(3, self.kept_channels).permute(0, 3, 1, 2)
         return x.index_select(1, self.kept_channels)
 
+    def _versions(self) -> Tuple[int, Optional[int]]:
+        """The version counters of the centroids and the bias (bumped by in-place updates)."""
+        bias = self._parameters.get("bias")
+        return self._parameters["centroids"]._version, None if bias is None else bias._version
+
     def _refresh(self) -> None:
-        """Rebuild the cached inference tensors if the centroids changed since they were made."""
-        if self.form != "train" and self._deploy.get("version") != self.centroids._version:
+        """Rebuild the cached inference tensors if the parameters may have changed since they were
+        made: an in-place update, or a differentiable call since then (an optimizer step may
+        follow it, and fused optimizers such as ``SGD(fused=True)`` update parameters without
+        bumping their version counters). Updates through ``.data`` are invisible: call
+        :meth:`set_form` after them."""
+        if self.form != "train" and self._deploy.get("version") != self._versions():
             self.set_form(self.form)
 
+    def _differentiable(self, x: Tensor) -> bool:
+        """Whether this call must be differentiable, and so runs in the training form: in
+        training mode under grad mode; in eval mode when grad mode is on and the input or a
+        parameter requires a gradient (saliency maps, adversarial inputs, fine-tuning with
+        BatchNorm frozen), as the compiled kernel has no backward and the cached weights of the
+        other forms are constants. Not while ``torch.jit.trace`` / ``torch.onnx.export`` record
+        an eval-mode model: the export keeps the deployed form. Inference under ``torch.no_grad``
+        or ``torch.inference_mode`` runs the deployed form."""
+        if not torch.is_grad_enabled():
+            return False
+        if self.training:
+            return True
+        if torch.jit.is_tracing():
+            return False
+        params = self._parameters
+        bias = params.get("bias")
+        return x.requires_grad or params["centroids"].requires_grad or (bias is not None and bias.requires_grad)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.form == "train" or (self.training and torch.is_grad_enabled()):
+        if self.form == "train" or self._differentiable(x):
             # training always rebuilds W' from the centroids, whatever the inference form
+            if self.form != "train":
+                self._deploy["version"] = None  # rebuilt before the next inference (see _refresh)
             full = self._train_full()
             weight = self._train_weight(full, _is_channels_last(x))
             out = F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
@@ -407,12 +442,22 @@ class KSEConv2d(nn.Module):
             return self._forward_split(x, d)
         if form == "fused":
             if x.device.type == "cpu" and x.dtype == torch.float32:
-                return fused.fused_conv(x, d, self.kernel_size, self.padding)
+                return fused.fused_conv(x, d, self.kernel_size, self.kernel_padding())
             inputs, weight = self._select(x), self.clustered_weight().to(x.dtype)  # another device / dtype
             return self._finish(F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation))
         inputs = x if form == "full" else self._select(x)
         out = F.conv2d(inputs, d["weight"], d["bias"], self.stride, self.padding, self.dilation)
         return F.relu(out) if self._epilogue is not None and self._epilogue[2] else out
+
+    def kernel_padding(self) -> Optional[Tuple[int, int]]:
+        """The padding as two numbers (``"valid"``: none; ``"same"``: half the dilated kernel on
+        each side), or ``None`` where ``"same"`` pads one side more than the other."""
+        if not isinstance(self.padding, str):
+            return tuple(self.padding)
+        if self.padding == "valid":
+            return 0, 0
+        spans = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        return None if any(s % 2 for s in spans) else (spans[0] // 2, spans[1] // 2)
 
     def _form_for_batch(self, batch: int) -> str:
         """The form measured at the batch size nearest to ``batch`` (geometrically)."""
@@ -483,16 +528,17 @@ class KSEConv2d(nn.Module):
             entries = [(b, "full" if f in ("dense", "split") else f) for b, f in entries]
         if any(f == "fused" for _, f in entries):
             if not fused.supports(self):
-                raise ValueError("the fused form needs stride 1, dilation 1, float32 centroids and a kept channel; "
-                                 f"this layer has stride {tuple(self.stride)}, dilation {tuple(self.dilation)}, "
-                                 f"{self.centroids.dtype}")
+                raise ValueError("the fused form needs stride 1, dilation 1, float32 centroids, a kept channel and "
+                                 "equal padding on both sides; this layer has stride "
+                                 f"{tuple(self.stride)}, dilation {tuple(self.dilation)}, padding {self.padding!r}, "
+                                 f"{self.centroids.dtype}, {len(self.kept_channels)} kept channels")
             if not fused.available():
                 raise ValueError(f"the fused KSE kernel could not be built ({fused.build_error()})")
         self._deploy = {}
         self.form, self._batch_forms = form, entries
         if form == "train":
             return self
-        self._deploy["version"] = self.centroids._version
+        self._deploy["version"] = self._versions()
         with torch.no_grad():
             for f in dict.fromkeys(f for _, f in entries):
                 if f in ("dense", "full"):
@@ -534,7 +580,12 @@ class KSEConv2d(nn.Module):
             scale, shift, relu = self._epilogue
             self._epilogue = (fn(scale), fn(shift), relu)
         if self.form != "train":
-            self.set_form(self.form)
+            form = self.form
+            if "fused" in form and not fused.supports(self):  # e.g. .half(): the kernel is float32 only
+                form = without_fused(form)
+                warnings.warn(f"KSEConv2d: the fused form needs float32 centroids; {self.centroids.dtype} "
+                              f"layers use {form!r} instead", RuntimeWarning, stacklevel=2)
+            self.set_form(form)
         return self
 
     # ------------------------------------------------------------------ channel removal

@@ -640,9 +640,12 @@ def build_error() -> Optional[str]:
 
 
 def supports(layer) -> bool:
-    """The layer shapes the kernel handles: stride 1, dilation 1, float32, at least one kept channel."""
+    """The layer shapes the kernel handles: stride 1, dilation 1, float32, at least one kept
+    channel, the same padding on both sides of each axis (numbers, ``"valid"``, or ``"same"``
+    with an odd kernel)."""
     return (tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
-            and layer.centroids.dtype == torch.float32 and len(layer.kept_channels) > 0)
+            and layer.centroids.dtype == torch.float32 and len(layer.kept_channels) > 0
+            and layer.kernel_padding() is not None)
 
 
 def prepare(layer, rows_per_chunk: Optional[int] = None) -> dict:
