@@ -235,3 +235,38 @@ def test_compression_is_deterministic_for_a_seed():
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if k.endswith("centroids"))
     assert torch.get_num_threads() == threads  # the worker pool gave the thread count back
+
+
+def test_a_graph_torch_pruning_cannot_map_keeps_its_channels_with_a_warning(monkeypatch):
+    # Torch-Pruning 1.6 raises ZeroDivisionError on torchvision's ShuffleNetV2 (channel shuffle);
+    # compression must go on without removing dead channels, and say why
+    import torch_pruning as tp
+
+    def fails(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
+    torch.manual_seed(0)
+    net = get_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = kse.KSEConfig(G=4, seed=1, input_size=(3, 32, 32))
+    with pytest.warns(RuntimeWarning, match="dead channels not removed.*ZeroDivisionError"):
+        got = kse.compress(net, cfg)
+    monkeypatch.undo()
+    ref = kse.compress(net, kse.KSEConfig(G=4, seed=1, input_size=(3, 32, 32), remove_dead_channels=False))
+    torch.testing.assert_close(outputs(got, x), outputs(ref, x))
+    assert [m.in_channels for m in got.modules() if isinstance(m, nn.Conv2d | KSEConv2d)] == \
+        [m.in_channels for m in ref.modules() if isinstance(m, nn.Conv2d | KSEConv2d)]
+
+
+def test_shufflenet_v2_compresses():
+    torch.manual_seed(0)
+    net = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # dead channels, if Torch-Pruning cannot map the shuffle
+        c = kse.compress(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    assert n_kse(c) > 10
+    assert torch.isfinite(outputs(c, x)).all()

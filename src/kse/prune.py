@@ -16,6 +16,7 @@ the channel.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from typing import Dict, Iterable, List, Set, Tuple
 
@@ -60,6 +61,19 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
     import torch_pruning as tp
     from torch_pruning import ops as tp_ops
 
+    try:
+        return _dead_channels(model, counts, example_inputs, channel_multiple, tp, tp_ops)
+    except Exception as exc:  # noqa: BLE001 - a graph Torch-Pruning cannot map: remove nothing, say so
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"dead channels not removed: Torch-Pruning could not map this model's graph "
+                      f"({type(exc).__name__}: {first}); the compressed model computes the same function "
+                      "with zero kernels for them (a smaller speed-up); remove_dead_channels=False skips "
+                      "this step", RuntimeWarning, stacklevel=2)
+        return {}
+
+
+def _dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inputs: Tensor, channel_multiple: int,
+                   tp, tp_ops) -> Removal:
     names = {m: n for n, m in model.named_modules()}
     with eval_mode(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
