@@ -4,6 +4,7 @@ one-line errors."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -446,3 +447,63 @@ def test_prune_l1_errors(work, baseline, compressed):
     assert "tied to other layers" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out", work / "x.kse",
                                                      "--ratio", 0.5, "--layers", "layer1.0.conv2"])
     assert not (work / "x.kse").exists()
+
+
+# ----------------------------------------------------------------------------- --out, resume, the unexpected
+def test_out_that_cannot_be_written_fails_before_any_work(baseline, tmp_path, monkeypatch):
+    compress_mod = importlib.import_module("kse.compress")  # the module (kse.compress is the function)
+
+    monkeypatch.setattr(compress_mod, "plan", lambda *a, **k: pytest.fail("compression started"))
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep")
+    line = one_error_line(["compress", "--checkpoint", baseline, "--out", afile / "a.kse"])
+    assert line == f"kse compress: error: --out {afile / 'a.kse'}: {afile} is a file, not a folder"
+    line = one_error_line(["compress", "--checkpoint", baseline, "--out", tmp_path])
+    assert "is a folder; give the .kse file to write" in line
+    for command in (["export", "--checkpoint", baseline], ["analyze", "--checkpoint", baseline]):
+        line = one_error_line([*command, "--out", afile])
+        assert line.endswith(f"--out {afile} is a file; give a folder to write into")
+    line = one_error_line(["train", "--dataset", "fake", "--arch", "resnet20", "--out", afile / "sub" / "run"])
+    assert line.endswith(f"{afile} is a file, not a folder")
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_resume_from_a_bad_last_checkpoint_is_one_error(compressed, finetuned, tmp_path):
+    argv = ["finetune", "--checkpoint", compressed[0], "--epochs", 2, "--max-steps", 1, "--batch-size", 8,
+            "--fake-size", 32, "--resume", *TINY]
+    def last_error_line(args):  # progress lines come first
+        code, _, err = run(args)
+        assert code == 2 and "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "last.ckpt").write_bytes((finetuned / "last.ckpt").read_bytes()[:1000])
+    line = last_error_line([*argv, "--out", corrupt])
+    assert "last.ckpt is not a readable training checkpoint" in line and "run without --resume" in line
+    other = tmp_path / "other"  # a run of another model in the same folder
+    ok(["train", "--dataset", "fake", "--arch", "resnet20", "--input-size", 16, "--fake-size", 32, "--epochs", 1,
+        "--max-steps", 1, "--batch-size", 8, "--no-channels-last", "--out", other, *TINY])
+    line = last_error_line([*argv, "--out", other])
+    assert "last.ckpt holds the state of another model" in line and "use another --out" in line
+    fresh = tmp_path / "fresh"
+    code, _, err = run([*argv, "--out", fresh, "--epochs", 1])
+    assert code == 0 and f"resume: no {fresh / 'last.ckpt'} yet; starting at epoch 0" in err
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(baseline, tmp_path, monkeypatch):
+    compress_mod = importlib.import_module("kse.compress")  # the module (kse.compress is the function)
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(compress_mod, "plan", bug)
+    argv = ["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse"]
+    code, out, err = run(argv)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == ("kse compress: error: ZeroDivisionError: division by zero second line (unexpected; "
+                           "KSE_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("KSE_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        run(argv)
+    assert not list(tmp_path.iterdir())

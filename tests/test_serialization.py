@@ -163,6 +163,53 @@ def test_malformed_checkpoint_structure(tmp_path):
     save_file(missing, str(tmp_path / "bad2.kse"), metadata={"kse": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="packed indices of layer 'layer1.0.conv2' are missing"):
         kse.load(tmp_path / "bad2.kse")
+    # the JSON's own shape: every malformed structure gets one CheckpointError naming it
+    for i, (edit, what) in enumerate([(lambda m: m.update(modules=[]), "'modules' must map"),
+                                      (lambda m: m.pop("arch"), "'arch' must be an object"),
+                                      (lambda m: m["arch"].pop("name"), "'arch' must be an object"),
+                                      (lambda m: m["arch"].update(kwargs=[1]), "'arch.kwargs'"),
+                                      (lambda m: m["modules"].update(x=3), "'modules' must map")]):
+        bad = json.loads(json.dumps(meta))
+        edit(bad)
+        save_file(tensors, str(tmp_path / f"shape{i}.kse"), metadata={"kse": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match=f"malformed KSE metadata \\({what}"):
+            kse.load(tmp_path / f"shape{i}.kse")
+    save_file(tensors, str(tmp_path / "list.kse"), metadata={"kse": json.dumps([meta])})
+    with pytest.raises(CheckpointError, match="not a KSE checkpoint"):
+        kse.load(tmp_path / "list.kse")
+
+
+def test_a_pickle_file_gets_a_hint_and_is_never_unpickled(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")  # a zip archive
+    with pytest.raises(CheckpointError, match="torch.save \\(pickle\\) file, which kse never unpickles"):
+        kse.load(tmp_path / "model.pt")
+    import pickle
+
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="torch.save \\(pickle\\) file"):
+        kse.load(tmp_path / "bare.pkl")
+
+
+def test_save_refuses_what_load_could_not_rebuild(tmp_path):
+    net = get_model("resnet20").eval()
+    folded = kse.fold_batchnorm(net)  # BatchNorms gone: the architecture's state dict does not fit
+    with pytest.raises(ValueError, match="do not fit architecture 'resnet20' \\(missing: .*bn"):
+        kse.save(folded, tmp_path / "f.kse", arch={"name": "resnet20", "kwargs": {}})
+    assert not list(tmp_path.iterdir())
+    compressed = kse.compress(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    with pytest.raises(ValueError, match="BatchNorm folded into KSE layers"):  # not "without its architecture"
+        kse.save(kse.fold_batchnorm(compressed), tmp_path / "g.kse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_round_trip_keeps_the_dtype(tmp_path, dtype):
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    net = net.to(dtype)
+    back = kse.load(kse.save(net, tmp_path / "d.kse"))
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    for (k, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_saved_file_has_the_usual_permissions(tmp_path):

@@ -27,8 +27,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
-                   FloatingPointError, KeyError)
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError)
+
+# subcommands whose --out is a folder (the others write one .kse file)
+_FOLDER_OUT = {"train", "analyze", "finetune", "export", "demo"}
 
 
 class CLIError(Exception):
@@ -619,6 +621,23 @@ def _write_model(args: argparse.Namespace, model: torch.nn.Module, out: Path, ex
     _save_args(args, out.parent, f"{out.stem}.args.json")
 
 
+def _check_out(out: Path, folder: bool) -> None:
+    """Fail before any work when ``--out`` cannot be written: it exists as the wrong kind, a
+    folder on its way is a file, or the nearest existing folder is not writable."""
+    if folder and out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder to write into")
+    if not folder and out.is_dir():
+        raise CLIError(f"--out {out} is a folder; give the .kse file to write (e.g. {out / 'model.kse'})")
+    parent = out if folder else out.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CLIError(f"--out {out}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise CLIError(f"--out {out}: cannot write into {p} (permission denied)")
+            return
+
+
 def _output_file(args: argparse.Namespace, path: Path, what: str) -> Path:
     """``--out`` as a file path that does not overwrite ``--checkpoint``."""
     if not args.out:
@@ -626,8 +645,6 @@ def _output_file(args: argparse.Namespace, path: Path, what: str) -> Path:
     out = Path(args.out)
     if out.resolve() == path.resolve():
         raise CLIError("--out must differ from --checkpoint (the baseline would be overwritten)")
-    if out.is_dir():
-        raise CLIError(f"--out {out} is a folder; give the .kse file to write (e.g. {out / 'model.kse'})")
     return out
 
 
@@ -1464,6 +1481,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser
         _resolve(args, sub, getattr(args, "_defaults", {}))
         del args._defaults
+        if getattr(args, "out", None):
+            _check_out(Path(args.out), args.command in _FOLDER_OUT)
         return args.func(args) or 0
     except CLIError as exc:
         print(f"kse {args.command}: error: {exc}", file=sys.stderr)
@@ -1476,6 +1495,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"kse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - unexpected: one line, the traceback on request
+        if os.environ.get("KSE_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())
+        print(f"kse {args.command}: error: {type(exc).__name__}: {text[:500]} (unexpected; KSE_DEBUG=1 shows "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -138,14 +138,14 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     from .models import get_model
 
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    arch = arch or getattr(model, "kse_arch", None)
-    if not arch or "name" not in arch:
-        raise ValueError("cannot save a model without its architecture: build it with kse.models.get_model(...) "
-                         "or pass arch={'name': ..., 'kwargs': {...}}")
     folded = [n for n, m in model.named_modules() if type(m) is KSEConv2d and m._epilogue is not None]
     if folded:
         raise ValueError(f"cannot save a model with BatchNorm folded into KSE layers ({folded[0]}, ...): a folded "
                          "model is for inference and export only; save the model before kse.fold_batchnorm")
+    arch = arch or getattr(model, "kse_arch", None)
+    if not arch or "name" not in arch:
+        raise ValueError("cannot save a model without its architecture: build it with kse.models.get_model(...) "
+                         "or pass arch={'name': ..., 'kwargs': {...}}")
     reference = get_model(arch["name"], **arch.get("kwargs", {}))
     ref_modules = dict(reference.named_modules())
     modules: Dict[str, Any] = {}
@@ -164,6 +164,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
         if key.endswith(".assignment") and modules.get(owner, {}).get("type") == "KSEConv2d":
             continue
         tensors[key] = value.detach().cpu().contiguous()
+    _check_rebuilds(reference, modules, tensors, arch["name"])
     cfg = getattr(model, "kse_config", None)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
             "preprocess": preprocess if preprocess is not None else getattr(model, "kse_preprocess", None),
@@ -182,6 +183,12 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("kse")
     except (SafetensorError, OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip archive or a bare pickle
+            raise CheckpointError(f"{path} looks like a torch.save (pickle) file, which kse never unpickles; if you "
+                                  "trust it, load it yourself (torch.load(..., weights_only=True)) into a model from "
+                                  "kse.models.get_model and write it with kse.save") from None
         raise CheckpointError(f"{path} is not a KSE checkpoint (unreadable safetensors: {exc})") from None
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a KSE checkpoint (no 'kse' metadata)")
@@ -189,13 +196,49 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: the KSE metadata is not valid JSON (corrupt file)") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a KSE checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a KSE checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}, newer than this kse supports "
                               f"({FORMAT_VERSION}); upgrade kse to read it")
     return meta
+
+
+def _check_rebuilds(reference: nn.Module, modules: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                    name: str) -> None:
+    """Refuse to write a file :func:`load` could not read: the architecture, with the described
+    modules swapped in, must take exactly the tensors being saved."""
+    for mod_name, spec in modules.items():
+        set_module(reference, mod_name, _build_module(spec))
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()
+                if not (k.endswith(".assignment") and modules.get(k.rpartition(".")[0], {}).get("type") == "KSEConv2d")}
+    given = {k: tuple(v.shape) for k, v in tensors.items() if not k.endswith(".assignment_packed")}
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys)
+        raise ValueError(f"cannot save: the model's tensors do not fit architecture {name!r} ({detail}); kse.save "
+                         "takes a model built by kse.models.get_model (layers compressed or shrunk by kse are "
+                         "fine), not a folded, traced or otherwise rebuilt copy")
+
+
+def _check_metadata(path: Path, meta: Any) -> None:
+    """The JSON structure ``load`` relies on, with one clear error where it is malformed."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: malformed KSE metadata ({what}); the file was not written by kse.save, "
+                               "or was edited")
+
+    arch = meta.get("arch")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise bad("'arch' must be an object with a 'name'")
+    if not isinstance(arch.get("kwargs", {}), dict):
+        raise bad("'arch.kwargs' must be an object")
+    modules = meta.get("modules", {})
+    if not isinstance(modules, dict) or not all(isinstance(v, dict) and "type" in v for v in modules.values()):
+        raise bad("'modules' must map module names to objects with a 'type'")
 
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -209,6 +252,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({exc})") from None
+    _check_metadata(Path(path), meta)
+    meta.setdefault("modules", {})
     arch = meta["arch"]
     model = get_model(arch["name"], **arch.get("kwargs", {}))
     for name, spec in meta["modules"].items():
@@ -221,6 +266,9 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: module {name!r} has a malformed description ({type(exc).__name__}: "
                                   f"{exc})") from None
+    floating = {v.dtype for v in tensors.values() if v.is_floating_point()}
+    if len(floating) == 1 and floating != {torch.float32}:  # a float64 / float16 model comes back as saved
+        model = model.to(floating.pop())
     state = {}
     for name, spec in meta["modules"].items():
         if spec["type"] == "KSEConv2d":

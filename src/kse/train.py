@@ -219,13 +219,23 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     """Restore what :func:`save_training_state` wrote; returns its metadata."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get("kse_training_state")
+    fix = "delete it, or run without --resume to start over"
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("kse_training_state")
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: truncated or not safetensors
+        raise ValueError(f"{path} is not a readable training checkpoint ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); {fix}") from None
     if raw is None:
-        raise ValueError(f"{path} is not a kse training checkpoint (no kse_training_state metadata)")
+        raise ValueError(f"{path} is not a kse training checkpoint (no kse_training_state metadata); {fix}")
     meta = json.loads(raw)
-    tensors = load_file(str(path))
-    _unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        _unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:  # missing / unexpected keys, other shapes: another model's run
+        first = " ".join(str(exc).split())
+        raise ValueError(f"{path} holds the state of another model (written by a run with another "
+                         f"architecture or compression: {first[:300]}); use another --out, or {fix}") from None
     state: Dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -287,6 +297,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         start, history = meta["epoch"] + 1, meta["history"]
         if is_main_process():
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
+    elif resume and is_main_process():
+        print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
     for epoch in range(start, cfg.epochs):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
