@@ -446,6 +446,10 @@ def test_prune_l1_errors(work, baseline, compressed):
                                                   "--ratio", 0.5])
     assert "tied to other layers" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out", work / "x.kse",
                                                      "--ratio", 0.5, "--layers", "layer1.0.conv2"])
+    text = work / "notes.txt"
+    text.write_text("not a model")
+    line = one_error_line(["prune-l1", "--checkpoint", baseline, "--out", work / "x.kse", "--match", text])
+    assert line.startswith("kse prune-l1: error: --match: ") and "not a KSE checkpoint" in line
     assert not (work / "x.kse").exists()
 
 

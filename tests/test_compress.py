@@ -174,6 +174,8 @@ def test_swap_failure_is_rolled_back(monkeypatch, fail_at):
     (dict(channel_multiple=0), "channel_multiple must be an integer >= 1, got 0"),
     (dict(score="l1"), "score must be one of 'kse', 'sparsity', 'entropy', got 'l1'"),
     (dict(entropy_layout="bug"), "entropy_layout must be one of 'paper', 'official', got 'bug'"),
+    (dict(skip_first="no"), "skip_first must be true or false, got 'no'"),
+    (dict(remove_dead_channels=0), "remove_dead_channels must be true or false, got 0"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

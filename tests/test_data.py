@@ -168,3 +168,10 @@ def test_shard_sampler_covers_every_index_once():
     assert sorted(i for s in shards for i in s) == data
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\) = \[0, 2\), got 2"):
         ShardSampler(data, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_a_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, name):
+    # fashion-mnist would otherwise be found in the system copy, whatever --data-dir said
+    with pytest.raises(DatasetError, match=f"--data-dir {tmp_path / 'typo'} is not a folder; give the folder holding {name}"):
+        get_dataset(name, data_dir=str(tmp_path / "typo"))

@@ -222,3 +222,24 @@ def test_saved_file_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m.kse").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    net = get_model("resnet20")
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device", src)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'm.kse'}: No space left on device") as info:
+        kse.save(net, tmp_path / "m.kse")
+    assert info.value.errno == 28 and ".tmp" not in str(info.value)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not list(tmp_path.iterdir())  # the temporary file is gone too
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=f"cannot write {blocker / 'm.kse'}"):
+        kse.save(net, blocker / "m.kse")

@@ -344,8 +344,9 @@ def _checkpoint_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _load_model(path: Path) -> torch.nn.Module:
-    """``kse.load`` with a hint when the file is a training-state checkpoint, not a model."""
+def _load_model(path: Path, flag: str = "--checkpoint") -> torch.nn.Module:
+    """``kse.load`` with a hint when the file is a training-state checkpoint, not a model;
+    errors name ``flag``, the option that gave the file."""
     from .serialization import CheckpointError, load
 
     try:
@@ -359,9 +360,9 @@ def _load_model(path: Path) -> torch.nn.Module:
         except Exception:  # noqa: BLE001 - not even safetensors: keep the original message
             is_training_state = False
         if is_training_state:
-            raise CLIError(f"--checkpoint: {path} is a training state (last.ckpt), not a model; "
+            raise CLIError(f"{flag}: {path} is a training state (last.ckpt), not a model; "
                            f"pass the model.kse written next to it") from None
-        raise CLIError(f"--checkpoint: {exc}") from None
+        raise CLIError(f"{flag}: {exc}") from None
 
 
 def _input_size(model: torch.nn.Module, path: Path) -> tuple:
@@ -712,7 +713,7 @@ def cmd_prune_l1(args: argparse.Namespace) -> int:
                 other = Path(args.match)
                 if not other.is_file():
                     raise CLIError(f"--match: file not found: {other}")
-                matched = _load_model(other)
+                matched = _load_model(other, "--match")
                 target = profile(matched, _input_size(matched, other)).macs
             _stage("prune-l1", f"searching the pruning ratio for {target / 1e6:.2f}M MACs")
             model, ratio, removed = prune_to_macs(model, float(target), args.layers, example)

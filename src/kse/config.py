@@ -81,6 +81,10 @@ class KSEConfig:
         _int_at_least("kmeans_iters", self.kmeans_iters, 1)
         _int_at_least("n_init", self.n_init, 1)
         _int_at_least("channel_multiple", self.channel_multiple, 1)
+        for name in ("skip_first", "remove_dead_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" or "false" from a config file would read as true
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
                 or not math.isfinite(self.alpha) or self.alpha < 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")

@@ -197,6 +197,9 @@ def get_dataset(name: str, data_dir: Optional[str] = None, train: bool = True,
                 fake_size: int = 256, input_size: Optional[int] = None) -> Tuple[Dataset, DatasetInfo]:
     """Return ``(dataset, info)`` for ``name``; a missing dataset raises :class:`DatasetError`."""
     info = dataset_info(name)
+    if data_dir and name != "fake" and not Path(data_dir).is_dir():  # not silently another copy found elsewhere
+        raise DatasetError(f"--data-dir {data_dir} is not a folder; give the folder holding {name}, or leave "
+                           "--data-dir out to use the default locations")
     if name in ("fashion-mnist", "mnist"):
         return _idx_dataset(name, data_dir, train), info
     import torchvision.datasets as D

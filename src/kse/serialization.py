@@ -284,7 +284,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: tensors do not match the architecture ({str(exc).splitlines()[0]})") from None
+        detail = " ".join(str(exc).split())  # the missing / unexpected keys come after the first line
+        raise CheckpointError(f"{path}: tensors do not match the architecture ({detail[:400]})") from None
     for name, spec in meta["modules"].items():
         if spec["type"] == "KSEConv2d":
             layer, form = model.get_submodule(name), spec.get("form", "train")
