@@ -243,3 +243,26 @@ def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path, monkey
     blocker.write_text("x")
     with pytest.raises(OSError, match=f"cannot write {blocker / 'm.kse'}"):
         kse.save(net, blocker / "m.kse")
+
+
+def test_a_user_model_registered_by_name_saves_and_loads(tmp_path):
+    from kse.models import register_model
+
+    class Small(nn.Module):  # a builder takes num_classes and in_channels, then its own arguments
+        def __init__(self, num_classes=10, in_channels=3, width=16):
+            super().__init__()
+            self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+    register_model("test_small_user_net")(Small)
+    net = get_model("test_small_user_net", num_classes=5, width=24).eval()
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 12, 12)))
+    assert sum(isinstance(m, kse.KSEConv2d) for m in net.modules()) == 2
+    back = kse.load(kse.save(net, tmp_path / "small.kse"))
+    same_outputs(net, back, torch.randn(2, 3, 12, 12))
+    assert back.kse_arch == {"name": "test_small_user_net", "kwargs": {"num_classes": 5, "in_channels": 3, "width": 24}}

@@ -15,7 +15,7 @@ from .config import KSEConfig
 from .conv import KSEConv2d, cluster_kernels
 from .indicator import (centroid_counts, kernel_entropy, kernel_sparsity, kse_indicator,
                         official_layout_entropy)
-from . import filter_prune, fused  # modules of the API (kse.filter_prune.*, kse.fused.available())
+from . import filter_prune, fused, models  # modules of the API (kse.models.get_model, kse.fused.available() ...)
 from .deploy import deploy_
 from .fold import fold_batchnorm
 from .kmeans import batched_kmeans
@@ -25,5 +25,5 @@ from .serialization import CheckpointError, load, save
 __all__ = [
     "CheckpointError", "KSEConfig", "KSEConv2d", "LayerPlan", "Profile", "batched_kmeans", "centroid_counts", "cluster_kernels",
     "compress", "compress_", "deploy_", "filter_prune", "fold_batchnorm", "fused", "kernel_entropy", "kernel_sparsity", "kse_indicator",
-    "load", "official_layout_entropy", "plan", "profile", "save",
+    "load", "models", "official_layout_entropy", "plan", "profile", "save",
 ]

@@ -22,7 +22,10 @@ _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that adds a model builder under ``name``; a duplicate name raises."""
+    """Decorator that adds a model builder under ``name``; a duplicate name raises.
+
+    The builder takes ``num_classes`` and ``in_channels`` as keywords, then its own arguments
+    (JSON values: :func:`get_model` records them so that ``kse.load`` can build the model again)."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
