@@ -416,10 +416,18 @@ static void expand_rows(const T* c, const int32_t* rows, T* out, int64_t N, int6
 
 // DISJOINT: no centroid row is used by two columns j (KSE: each channel has its own centroids),
 // so columns can be reduced in parallel without two threads adding into one row
+#if defined(__AVX512F__)
+static void reduce_columns_cl_f32(const float*, const int32_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+#endif
+
 template <typename T>
 static void reduce_rows(const T* g, const int32_t* rows, T* gc, int64_t N, int64_t J, int64_t D, bool cl,
                         bool disjoint) {
   auto columns = [&](int64_t j0, int64_t j1) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value)
+      if (cl && D >= 4 && D <= 16) return reduce_columns_cl_f32(g, rows, gc, N, J, D, j0, j1);
+#endif
     for (int64_t n = 0; n < N; ++n) {
       const T* gn = g + n * J * D;
       const int32_t* rn = rows + n * J;
@@ -439,20 +447,92 @@ static void reduce_rows(const T* g, const int32_t* rows, T* gc, int64_t N, int64
 }
 
 #if defined(__AVX512F__)
-// float32 with AVX-512, the same values as expand_rows: channels_last, one gather per tap t for
-// 16 kernels (rows masked where < 0); NCHW, a masked load and store of each kernel's D taps
-// (faster than the loop on channels_last weights; a vector backward, gather / add / scatter, was
-// not, and the backward stays a loop). benchmarks/train_weight.py times the whole build
+// float32 with AVX-512, the same values as expand_rows and reduce_rows: channels_last with 4 to
+// 16 taps (3x3 kernels), 16 kernels at a time transposed in registers between their [kernel, tap]
+// and the weight's [tap, kernel] order, forward and backward (gathers, one per tap, and a scalar
+// backward loop were about twice as slow: benchmarks/train_weight.py); other channels_last
+// kernels, a gather per tap (the backward a loop); NCHW, a masked load and store of each
+// kernel's D taps
 static inline __mmask16 first_lanes(int64_t w) { return (__mmask16)((1u << w) - 1u); }
+
+// a 16 x 16 transpose in registers: r[i] holds row i on entry and column i on return
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4g + c]: in 128-bit lane L, element 4L + c of rows 4g .. 4g + 3
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  // then 128-bit lanes: lanes 0 and 2 / 1 and 3 of two registers, twice
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// channels_last backward for 4 <= D <= 16, columns [j0, j1): per output channel n and 16
+// columns, the D rows g[n, t, j] are transposed into 16 kernel gradients, each added to its
+// centroid row with one masked load / add / store (columns one after another, so two columns
+// sharing a row are summed right). The sums run over n in the same order as the scalar loop
+static void reduce_columns_cl_f32(const float* g, const int32_t* rows, float* gc, int64_t N, int64_t J, int64_t D,
+                                  int64_t j0, int64_t j1) {
+  const __mmask16 taps = first_lanes(D);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* gn = g + n * J * D;
+    const int32_t* rn = rows + n * J;
+    for (int64_t jb = j0; jb < j1; jb += 16) {
+      const int64_t w = std::min<int64_t>(16, j1 - jb);
+      const __mmask16 lanes = first_lanes(w);
+      __m512 r[16];
+      for (int64_t t = 0; t < 16; ++t)
+        r[t] = t < D ? _mm512_maskz_loadu_ps(lanes, gn + t * J + jb) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t j = 0; j < w; ++j) {
+        const int32_t row = rn[jb + j];
+        if (row < 0) continue;
+        float* dst = gc + (int64_t)row * D;
+        _mm512_mask_storeu_ps(dst, taps, _mm512_add_ps(_mm512_maskz_loadu_ps(taps, dst), r[j]));
+      }
+    }
+  }
+}
 
 static void expand_rows_f32(const float* c, const int32_t* rows, float* out, int64_t N, int64_t J, int64_t D,
                             bool cl) {
   at::parallel_for(0, N, grain(1, J * D), [&](int64_t n0, int64_t n1) {
     const __m512 zero = _mm512_setzero_ps();
+    const __mmask16 taps = first_lanes(std::min<int64_t>(D, 16));
     for (int64_t n = n0; n < n1; ++n) {
       float* o = out + n * J * D;
       const int32_t* rn = rows + n * J;
-      if (cl) {
+      if (cl && D >= 4 && D <= 16) {  // 16 kernels loaded whole, transposed into D rows of 16
+        for (int64_t j0 = 0; j0 < J; j0 += 16) {
+          const int64_t w = std::min<int64_t>(16, J - j0);
+          __m512 r[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            const int32_t row = j < w ? rn[j0 + j] : -1;
+            r[j] = row >= 0 ? _mm512_maskz_loadu_ps(taps, c + (int64_t)row * D) : zero;
+          }
+          transpose16(r);
+          for (int64_t t = 0; t < D; ++t) _mm512_mask_storeu_ps(o + t * J + j0, first_lanes(w), r[t]);
+        }
+        continue;
+      }
+      if (cl) {  // other kernel sizes: a gather per tap for 16 kernels
         for (int64_t j0 = 0; j0 < J; j0 += 16) {
           const __mmask16 lanes = first_lanes(std::min<int64_t>(16, J - j0));
           const __m512i r = _mm512_maskz_loadu_epi32(lanes, rn + j0);
@@ -602,7 +682,7 @@ def _build():
             from torch.utils.cpp_extension import load_inline
 
             # loading the module also registers the operator torch.ops.kse.fused_conv
-            _module = load_inline(name="kse_fused_v22", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
+            _module = load_inline(name="kse_fused_v23", cpp_sources=_SOURCE, with_cuda=False, is_python_module=True,
                                    no_implicit_headers=True,
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
