@@ -279,5 +279,6 @@ def test_layer_pickles_with_its_hooks():
     with torch.no_grad():
         torch.testing.assert_close(copy_(x), layer(x))
     copy_.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})  # its post-load hook runs
+    assert copy_._deploy["version"] == copy_._versions()  # rebuilt by the hook, before any forward
     with torch.no_grad():
         torch.testing.assert_close(copy_(x) - layer.bias.view(1, -1, 1, 1), 2 * (layer(x) - layer.bias.view(1, -1, 1, 1)))

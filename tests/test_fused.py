@@ -292,7 +292,9 @@ def _train_weight(layer, full, channels_last, extension, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
-@pytest.mark.parametrize("k", [(3, 2), (5, 5)])  # 6 and 25 taps: less than one vector and two vectors
+# taps: 3 and 17 (gathers), 4, 6 and 16 (channels_last float32 through 16x16 transposes: its
+# bounds and a case between), 25 (two vectors)
+@pytest.mark.parametrize("k", [(1, 3), (2, 2), (3, 2), (4, 4), (1, 17), (5, 5)])
 def test_training_weight_from_the_extension_equals_stock_operations(dtype, full, channels_last, k, monkeypatch):
     g = torch.Generator().manual_seed(3)
     conv = nn.Conv2d(19, 9, k, bias=False)  # 19 columns with full: a block of 16 and a tail
@@ -368,6 +370,31 @@ def test_expand_weight_gradcheck_zero_kernels_and_bad_rows(channels_last):
             fused.expand_weight(cents, torch.tensor(bad, dtype=torch.int32), channels_last)
 
 
+@pytest.mark.parametrize("taps", [(3, 3), (1, 17)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_expand_weight_float32_with_shared_rows_equals_a_loop(taps, channels_last):
+    # rows shared between columns (not a KSE layer: the serial backward), 37 columns (two blocks
+    # of 16 and a tail), zero kernels; against W' and its gradient written out element by element
+    g = torch.Generator().manual_seed(5)
+    N, J, M = 7, 37, 11
+    kh, kw = taps
+    cents = torch.randn(M, kh, kw, generator=g, requires_grad=True)
+    rows = torch.randint(-1, M, (N, J), generator=g, dtype=torch.int32)
+    w = fused.expand_weight(cents, rows, channels_last)
+    upstream = torch.randn(N, J, kh, kw, generator=g)
+    grad, = torch.autograd.grad(w, cents, upstream)
+    want_w = torch.zeros(N, J, kh, kw)
+    want_g = torch.zeros(M, kh, kw, dtype=torch.float64)
+    for n in range(N):
+        for j in range(J):
+            r = int(rows[n, j])
+            if r >= 0:
+                want_w[n, j] = cents[r].detach()
+                want_g[r] += upstream[n, j].double()
+    assert torch.equal(w, want_w)
+    torch.testing.assert_close(grad.double(), want_g, rtol=1e-5, atol=1e-5)
+
+
 def test_training_steps_with_the_extension_equal_stock_operations(monkeypatch):
     torch.manual_seed(0)
     model = tiny_kse()
@@ -439,7 +466,12 @@ def test_eval_mode_gradients_equal_the_training_form(form):
         model(xi).square().sum().backward()
         return xi.grad, [m.centroids.grad for m in model.modules() if isinstance(m, KSEConv2d)]
 
-    gx, gc = grads(net)
+    calls = []
+    kernel = fused.fused_conv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "fused_conv", lambda *a: calls.append(1) or kernel(*a))
+        gx, gc = grads(net)
+    assert bool(calls) == (form == "fused")  # the forward ran the deployed form
     rx, rc = grads(ref_net)  # the training form, in eval mode
     assert_same_function(gx, rx, 1e-4)
     assert all(g is not None for g in gc)
@@ -449,6 +481,18 @@ def test_eval_mode_gradients_equal_the_training_form(form):
         assert_same_function(net(x), ref_net(x))
     forms = {m.form for m in net.modules() if isinstance(m, KSEConv2d)}
     assert forms == {form} or (form == "fused" and forms == {"fused", "dense"})  # stride 2: no kernel
+    xi = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(net(xi).square().sum(), xi, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()  # no second-order gradients through a deployed form: an error, not zeros
+
+
+def test_export_records_the_deployed_form():
+    layer = KSEConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=1), torch.tensor([0, 3, 8, 2, 5, 1])).eval()
+    layer.set_form("full")  # one convolution with the cached weight; the training form pads and gathers
+    x = torch.randn(2, 6, 7, 7)
+    graph = str(torch.export.export(layer, (x,)).graph)  # grad mode on, parameters requiring gradients
+    assert graph.count("aten.conv2d") == 1 and "pad" not in graph and "index_select" not in graph
 
 
 def test_tracing_an_eval_model_records_the_deployed_form():
@@ -488,6 +532,22 @@ def test_deployed_forms_follow_optimizer_steps(optimizer):
             want = ref(x)
         assert_same_function(got4, want)
         assert_same_function(got1, want[:1])
+    # an inference call between backward and the step must not keep the weights of before the step
+    net.train()
+    opt.zero_grad()
+    net(x).square().mean().backward()
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+    opt.step()
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if isinstance(m, KSEConv2d):
+            m.set_form("train")
+    with torch.no_grad():
+        after, want = net(x), ref(x)
+    assert not torch.allclose(after, before)
+    assert_same_function(after, want)
 
 
 def test_changing_the_dtype_of_a_fused_model_falls_back_to_a_stock_form():

@@ -1497,7 +1497,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kse {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - unexpected: one line, the traceback on request
-        if os.environ.get("KSE_DEBUG"):
+        if os.environ.get("KSE_DEBUG", "") not in ("", "0"):
             raise
         text = " ".join(str(exc).split())
         print(f"kse {args.command}: error: {type(exc).__name__}: {text[:500]} (unexpected; KSE_DEBUG=1 shows "

@@ -42,6 +42,7 @@ import torch.autograd.forward_ad as _forward_ad
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fused
 from .kmeans import batched_kmeans, draw_seeds
@@ -207,6 +208,43 @@ def gather_elements(rows: Tensor, index: Tensor) -> Tensor:
     form used off the CPU or without the compiled extension, and the reference for
     :func:`kse.fused.expand_weight`."""
     return F.pad(rows, (0, 0, 0, 1)).reshape(-1).index_select(0, index)
+
+
+# optimizer steps taken in this process (a post hook on every torch.optim optimizer): any step may
+# have changed the parameters behind a layer's cached inference tensors
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class _DeployedWithGradients(torch.autograd.Function):
+    """An eval-mode call that needs gradients: forward, the deployed form (the compiled kernel
+    included); backward, the gradients of the training form, which computes the same function,
+    recomputed from the saved input as activation checkpointing does. Not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, layer: "KSEConv2d", x: Tensor, centroids: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, centroids)  # an in-place change before backward raises, as usual
+        return layer._forward_deployed(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        layer = ctx.layer
+        x, centroids = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[1:]  # x, centroids, bias
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(wanted[0])
+            out = layer._forward_train(xi)
+            inputs = [t for t, w in zip((xi, centroids, layer.bias), wanted) if w]
+            grads = iter(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        return (None, *(next(grads) if w else None for w in wanted))
 
 
 def _refresh_after_load(module: "KSEConv2d", incompatible_keys) -> None:
@@ -394,47 +432,55 @@ class KSEConv2d(nn.Module):
             return x.permute(0, 2, 3, 1).index_select(3, self.kept_channels).permute(0, 3, 1, 2)
         return x.index_select(1, self.kept_channels)
 
-    def _versions(self) -> Tuple[int, Optional[int]]:
-        """The version counters of the centroids and the bias (bumped by in-place updates)."""
+    def _versions(self) -> Tuple[int, Optional[int], int]:
+        """What the cached inference tensors depend on: the version counters of the centroids
+        and the bias (bumped by in-place updates), and the number of optimizer steps taken in
+        this process (fused optimizers such as ``SGD(fused=True)`` update parameters without
+        bumping their version counters)."""
         bias = self._parameters.get("bias")
-        return self._parameters["centroids"]._version, None if bias is None else bias._version
+        return (self._parameters["centroids"]._version, None if bias is None else bias._version,
+                _OPTIMIZER_STEPS[0])
 
     def _refresh(self) -> None:
         """Rebuild the cached inference tensors if the parameters may have changed since they were
-        made: an in-place update, or a differentiable call since then (an optimizer step may
-        follow it, and fused optimizers such as ``SGD(fused=True)`` update parameters without
-        bumping their version counters). Updates through ``.data`` are invisible: call
-        :meth:`set_form` after them."""
+        made: an in-place update, or any optimizer step. Updates through ``.data`` outside an
+        optimizer are invisible: call :meth:`set_form` after them."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return  # parameters are stand-ins there: the cached tensors are what gets recorded
         if self.form != "train" and self._deploy.get("version") != self._versions():
             self.set_form(self.form)
 
-    def _differentiable(self, x: Tensor) -> bool:
-        """Whether this call must be differentiable, and so runs in the training form: in
-        training mode under grad mode; in eval mode when grad mode is on and the input or a
+    def _needs_grad(self, x: Tensor) -> bool:
+        """Whether an eval-mode call must be differentiable: grad mode is on and the input or a
         parameter requires a gradient (saliency maps, adversarial inputs, fine-tuning with
-        BatchNorm frozen), as the compiled kernel has no backward and the cached weights of the
-        other forms are constants. Not while ``torch.jit.trace`` / ``torch.onnx.export`` record
-        an eval-mode model: the export keeps the deployed form. Inference under ``torch.no_grad``
-        or ``torch.inference_mode`` runs the deployed form."""
-        if not torch.is_grad_enabled():
-            return False
-        if self.training:
-            return True
-        if torch.jit.is_tracing():
+        BatchNorm frozen). Not while ``torch.jit.trace`` or ``torch.export`` (and the ONNX
+        exporters built on them) record the model: the export keeps the deployed form."""
+        if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_exporting():
             return False
         params = self._parameters
         bias = params.get("bias")
         return x.requires_grad or params["centroids"].requires_grad or (bias is not None and bias.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.form == "train" or self._differentiable(x):
-            # training always rebuilds W' from the centroids, whatever the inference form
-            if self.form != "train":
-                self._deploy["version"] = None  # rebuilt before the next inference (see _refresh)
-            full = self._train_full()
-            weight = self._train_weight(full, _is_channels_last(x))
-            out = F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
-            return out if self._epilogue is None else self._finish(out)
+        if self.form == "train" or (self.training and torch.is_grad_enabled()):
+            return self._forward_train(x)  # training always rebuilds W' from the centroids
+        if self._needs_grad(x):
+            # the deployed form's output; the training form's gradients, recomputed in backward
+            # (the compiled kernel has no backward, and the other forms' cached weights are
+            # constants). torch.func transforms, forward-mode AD and torch.compile get the
+            # training form itself
+            if _plain_autograd():
+                return _DeployedWithGradients.apply(self, x, self.centroids, self.bias)
+            return self._forward_train(x)
+        return self._forward_deployed(x)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        full = self._train_full()
+        weight = self._train_weight(full, _is_channels_last(x))
+        out = F.conv2d(x if full else self._select(x), weight, self.bias, self.stride, self.padding, self.dilation)
+        return out if self._epilogue is None else self._finish(out)
+
+    def _forward_deployed(self, x: Tensor) -> Tensor:
         self._refresh()
         form = self._form_for_batch(x.shape[0])
         d = self._deploy[form]

@@ -61,8 +61,14 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
     import torch_pruning as tp
     from torch_pruning import ops as tp_ops
 
-    try:
-        return _dead_channels(model, counts, example_inputs, channel_multiple, tp, tp_ops)
+    names = {m: n for n, m in model.named_modules()}
+    try:  # Torch-Pruning's part: the graph and the pruning group of every producer
+        with eval_mode(model):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        producers = [m for m in model.modules()
+                     if type(m) is nn.Conv2d and m.groups == 1 and m in graph.module2node]
+        groups = [(m, graph.get_pruning_group(m, tp.prune_conv_out_channels, idxs=list(range(m.out_channels))))
+                  for m in producers]
     except Exception as exc:  # noqa: BLE001 - a graph Torch-Pruning cannot map: remove nothing, say so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         warnings.warn(f"dead channels not removed: Torch-Pruning could not map this model's graph "
@@ -71,19 +77,9 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
                       "this step", RuntimeWarning, stacklevel=2)
         return {}
 
-
-def _dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inputs: Tensor, channel_multiple: int,
-                   tp, tp_ops) -> Removal:
-    names = {m: n for n, m in model.named_modules()}
-    with eval_mode(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-
     removal: Removal = defaultdict(lambda: {"out": set(), "in": set()})
     seen_groups: Set[Tuple] = set()
-    for producer in model.modules():
-        if type(producer) is not nn.Conv2d or producer.groups != 1 or producer not in graph.module2node:
-            continue
-        group = graph.get_pruning_group(producer, tp.prune_conv_out_channels, idxs=list(range(producer.out_channels)))
+    for producer, group in groups:
         key = tuple(sorted((str(names.get(it.dep.target.module, id(it.dep.target.module))), it.dep.handler.__name__,
                             tuple(int(i) for i in it.idxs)) for it in group.items))
         if key in seen_groups:

@@ -174,6 +174,17 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     return Path(path)
 
 
+def _looks_pickled(path: Path) -> bool:
+    """A torch.save zip archive or a bare pickle, rather than a damaged safetensors file (whose
+    first 8 bytes, the header length, may start with the same bytes: then they name a header
+    that fits in the file)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not (head[:2] == b"PK" or head[:1] == b"\x80"):
+        return False
+    return len(head) < 8 or int.from_bytes(head, "little") + 8 > path.stat().st_size
+
+
 def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
     """The JSON structure of a ``.kse`` file (raises :class:`CheckpointError` if it is not one)."""
     path = Path(path)
@@ -183,9 +194,7 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("kse")
     except (SafetensorError, OSError, ValueError) as exc:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip archive or a bare pickle
+        if _looks_pickled(path):
             raise CheckpointError(f"{path} looks like a torch.save (pickle) file, which kse never unpickles; if you "
                                   "trust it, load it yourself (torch.load(..., weights_only=True)) into a model from "
                                   "kse.models.get_model and write it with kse.save") from None
