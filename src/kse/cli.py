@@ -935,7 +935,7 @@ def _export_and_check(model: torch.nn.Module, fmt: str, target: Path, example: t
     import warnings
 
     try:
-        with warnings.catch_warnings(), torch.no_grad():  # the deployed forms (see KSEConv2d._differentiable)
+        with warnings.catch_warnings(), torch.no_grad():  # inference: no backward graph is recorded
             warnings.simplefilter("ignore")
             if fmt == "onnx":
                 import onnxruntime as ort
