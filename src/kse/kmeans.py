@@ -150,7 +150,9 @@ def _lloyd_1d(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Te
     and its sum comes from a prefix sum. Converged sets leave the working batch as in ``_lloyd``."""
     B, N, _ = points.shape
     xs_all, order = points.squeeze(-1).sort(-1)
-    prefix_all = torch.nn.functional.pad(xs_all.cumsum(-1), (1, 0))  # [B, N + 1]
+    # [B, N + 1], in float64: a run's sum is a difference of two prefix sums, which in float32
+    # loses the low bits of the run to the larger prefix (centroids off their members' mean)
+    prefix_all = torch.nn.functional.pad(xs_all.to(torch.float64).cumsum(-1), (1, 0))
     cents_all = centroids.squeeze(-1).sort(-1).values
     idx = torch.arange(B, device=points.device)
     xs, prefix, cents, bounds = xs_all, prefix_all, cents_all, None
@@ -165,9 +167,9 @@ def _lloyd_1d(points: Tensor, centroids: Tensor, iters: int) -> Tuple[Tensor, Te
         bounds = new_bounds
         starts = torch.nn.functional.pad(bounds, (1, 0), value=0)
         ends = torch.nn.functional.pad(bounds, (0, 1), value=N)
-        counts = (ends - starts).to(xs.dtype)
+        counts = (ends - starts).to(prefix.dtype)
         sums = prefix.gather(1, ends) - prefix.gather(1, starts)
-        cents = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # empty: keep
+        cents = torch.where(counts > 0, (sums / counts.clamp_min(1)).to(xs.dtype), cents)  # empty: keep
         if (counts == 0).any():  # without empty clusters the means of consecutive runs are already sorted
             cents = cents.sort(-1).values
     cents_all[idx] = cents
