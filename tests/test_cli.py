@@ -319,6 +319,7 @@ def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch):
     (["--T", "-1"], "kse compress: error: --T: T must be an integer >= 0, got -1"),
     (["--channel-multiple", "0"],
      "kse compress: error: --channel-multiple: channel_multiple must be an integer >= 1, got 0"),
+    (["--n-init", "0"], "kse compress: error: --n-init: n_init must be an integer >= 1, got 0"),
 ])
 def test_other_bad_kse_values(argv, match, baseline, tmp_path):
     assert one_error_line(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", *argv]) == match
@@ -339,6 +340,11 @@ def test_compress_channel_multiple_sets_the_widths(baseline, tmp_path):
 def test_compress_refuses_to_overwrite_its_input(baseline):
     line = one_error_line(["compress", "--checkpoint", baseline, "--out", baseline])
     assert line == "kse compress: error: --out must differ from --checkpoint (the baseline would be overwritten)"
+
+
+def test_compress_n_init_reaches_the_config(baseline, tmp_path):
+    ok(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", "--G", 4, "--n-init", 3])
+    assert kse.load(tmp_path / "c.kse").kse_config["n_init"] == 3
 
 
 def test_compress_of_a_compressed_checkpoint(compressed, tmp_path):
@@ -511,3 +517,16 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(baselin
     with pytest.raises(ZeroDivisionError):
         run(argv)
     assert not list(tmp_path.iterdir())
+
+
+def test_finetune_official_sgd(compressed, tmp_path, monkeypatch):
+    from kse import train
+
+    built = []
+    real = train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda model, cfg: built.append(cfg) or real(model, cfg))
+    for flag, official in (([], False), (["--official-sgd"], True)):
+        ok(["finetune", "--checkpoint", compressed[0], "--out", tmp_path / str(official), "--epochs", 1,
+            "--max-steps", 1, "--batch-size", 8, "--fake-size", 16, *flag, *TINY])
+        assert (built[-1].nesterov, built[-1].decay_norm_and_bias) == (not official, official)
+        assert json.loads((tmp_path / str(official) / "args.json").read_text())["official_sgd"] is official

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
@@ -148,6 +149,7 @@ def test_fit_sets_the_scheduled_lr(tmp_path):
     (dict(warmup_epochs=-1.0), r"warmup_epochs must be in \[0, epochs\)"),
     (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     (dict(max_steps_per_epoch=0), r"max_steps_per_epoch must be None or an integer >= 1"),
+    (dict(nesterov="no"), r"nesterov must be true or false, got 'no'"),
 ])
 def test_train_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -213,3 +215,17 @@ def test_amp_on_cpu_trains_in_bfloat16_with_float32_weights(tmp_path):
     assert seen[-1] == torch.float32  # evaluation does not
     assert model.fc.weight.dtype == torch.float32 and not torch.equal(model.fc.weight, before)
     assert math.isfinite(history[-1]["train_loss"])
+
+
+def test_optimizer_default_and_official():
+    # default: Nesterov momentum, no weight decay on BatchNorm / bias; official (the KSE
+    # authors' code): plain momentum, weight decay on every parameter
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.randn(1, 3, 5, 5))
+    ours = build_optimizer(net, TrainConfig(weight_decay=1e-5))
+    assert ours.defaults["nesterov"] is True
+    assert [(len(g["params"]), g["weight_decay"]) for g in ours.param_groups] == [(2, 1e-5), (4, 0.0)]
+    official = build_optimizer(net, TrainConfig(weight_decay=1e-5, nesterov=False, decay_norm_and_bias=True))
+    assert official.defaults["nesterov"] is False
+    assert [(len(g["params"]), g["weight_decay"]) for g in official.param_groups] == [(6, 1e-5), (0, 0.0)]

@@ -376,7 +376,7 @@ def _input_size(model: torch.nn.Module, path: Path) -> tuple:
 
 _KSE_FLAGS = {"G": "--G", "T": "--T", "alpha": "--alpha", "seed": "--seed", "include": "--include",
               "score": "--score", "entropy_layout": "--entropy-layout", "channel_multiple": "--channel-multiple",
-              "exclude": "--exclude", "input_size": "--checkpoint's input size"}
+              "exclude": "--exclude", "n_init": "--n-init", "input_size": "--checkpoint's input size"}
 
 
 def _kse_config(args: argparse.Namespace, input_size: Optional[tuple] = None):
@@ -384,7 +384,7 @@ def _kse_config(args: argparse.Namespace, input_size: Optional[tuple] = None):
     from .config import KSEConfig
 
     kwargs = dict(G=args.G, T=args.T, alpha=args.alpha)
-    for key in ("seed", "include", "exclude", "score", "entropy_layout", "channel_multiple"):
+    for key in ("seed", "include", "exclude", "score", "entropy_layout", "channel_multiple", "n_init"):
         if getattr(args, key, None) is not None:
             kwargs[key] = getattr(args, key)
     if input_size is not None:
@@ -679,6 +679,8 @@ def _add_compress(sub) -> None:
                    help="ablations: rank input channels by sparsity or entropy alone (default: kse, Eq. 7)")
     p.add_argument("--entropy-layout", choices=["paper", "official"], default=None,
                    help="ablation: 'official' reproduces the authors' code's entropy layout bug (default: paper)")
+    p.add_argument("--n-init", type=int, default=None, metavar="K",
+                   help="k-means starts per centroid count, the best kept (default 1; the authors' code: 10)")
     p.add_argument("--channel-multiple", type=int, default=None, metavar="M",
                    help="keep each shrunk producer's width a multiple of M when removing dead channels "
                         "(default 8, widths fast kernels handle well; 1: remove every dead channel)")
@@ -752,10 +754,11 @@ def _finetune_config(args: argparse.Namespace):
     # KSE.md §6: SGD momentum 0.9, weight decay 1e-5, lr 0.01, lr x0.1 at half the run (CIFAR-10);
     # ImageNet drops at epochs 7 and 14 of 21, hence --milestones (fractions of the run, as in TrainConfig)
     milestones = args.milestones if isinstance(args.milestones, (list, tuple)) else [args.milestones]  # YAML: 0.5
+    official = bool(args.official_sgd)
     return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.schedule, milestones=milestones, gamma=0.1,
                        seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
-                       amp=bool(args.amp))
+                       amp=bool(args.amp), nesterov=not official, decay_norm_and_bias=official)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -823,6 +826,9 @@ def _add_finetune(sub) -> None:
                    help="multistep: lr x0.1 at these fractions of --epochs (default 0.5, the paper's CIFAR-10 "
                         "recipe; its ImageNet one, epochs 7 and 14 of 21: 0.3333333333 0.6666666666)")
     p.add_argument("--weight-decay", type=float, default=None, help="default 1e-5 (paper)")
+    p.add_argument("--official-sgd", action="store_true", default=None,
+                   help="the authors' optimizer: plain momentum and weight decay on every parameter (default: "
+                        "Nesterov momentum, no decay on BatchNorm and bias parameters)")
     p.add_argument("--workers", type=int, default=None, help="data-loader worker processes")
     p.add_argument("--amp", action="store_true", default=None,
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
@@ -832,7 +838,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")
     p.set_defaults(func=cmd_finetune, _defaults=dict(
         epochs=20, lr=0.01, batch_size=128, schedule="multistep", milestones=[0.5], weight_decay=1e-5, workers=0,
-        amp=False, channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256))
+        amp=False, channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256, official_sgd=False))
 
 
 # ----------------------------------------------------------------------------- eval

@@ -37,6 +37,10 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # NOTE: Nesterov momentum and no weight decay on BatchNorm and bias parameters (common practice);
+    # the KSE authors' code uses plain momentum and decays every parameter (official_sgd)
+    nesterov: bool = True
+    decay_norm_and_bias: bool = False
     batch_size: int = 128
     schedule: str = "cosine"  # "cosine" or "multistep"
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
@@ -62,6 +66,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'multistep', got {self.schedule!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("nesterov", "decay_norm_and_bias", "amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not all(0 < m <= 1 for m in self.milestones):
@@ -99,14 +106,15 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum; no weight decay on BatchNorm and bias parameters."""
+    """SGD with momentum (Nesterov's unless ``cfg.nesterov`` is off); weight decay on every
+    parameter with ``cfg.decay_norm_and_bias``, else not on BatchNorm and bias parameters (1-D)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def _progress(done: int, total: int, images: float, t0: float, extra: str) -> None:
