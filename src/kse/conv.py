@@ -445,9 +445,9 @@ class KSEConv2d(nn.Module):
         """Rebuild the cached inference tensors if the parameters may have changed since they were
         made: an in-place update, or any optimizer step. Updates through ``.data`` outside an
         optimizer are invisible: call :meth:`set_form` after them."""
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return  # parameters are stand-ins there: the cached tensors are what gets recorded
         if self.form != "train" and self._deploy.get("version") != self._versions():
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                return  # parameters are stand-ins there: the cached tensors are what gets recorded
             self.set_form(self.form)
 
     def _needs_grad(self, x: Tensor) -> bool:
