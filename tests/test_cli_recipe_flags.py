@@ -1,5 +1,5 @@
 """CLI flags that the paper's recipes in configs/ need: ``kse finetune --milestones``
-(the ImageNet schedule drops the rate at epochs 7 and 14 of 21, KSE.md §6) and
+(the ImageNet schedule drops the rate at epochs 7 and 14 of 21, docs/method.md §6) and
 ``kse train --weights W --epochs 0`` (the ImageNet baselines are torchvision's pretrained
 weights). No network: torchvision's weight loading is replaced by a seeded state dict."""
 

@@ -1,5 +1,5 @@
 """The paper's recipes in configs/: every key is a flag of its stage with a value of the flag's
-type, the numbers are the paper's (KSE.md §4, §6, §8), the stages chain, the README gives the
+type, the numbers are the paper's (docs/method.md §4, §6, §8), the stages chain, the README gives the
 commands, and every recipe runs train -> compress -> finetune on FakeData.
 
 The end-to-end runs override data and size on the command line (explicit flags win over the
@@ -28,8 +28,8 @@ from clitools import ok, one_thread, run  # noqa: F401 (one_thread is an autouse
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("train", "compress", "finetune")
 
-# What each recipe must say (KSE.md §4, §6, §9): model, data, KSE (G, T), fine-tuning
-# (epochs, lr, batch size, epochs at which the rate drops x0.1), and the layers KSE.md §8 compresses,
+# What each recipe must say (docs/method.md §4, §6, §9): model, data, KSE (G, T), fine-tuning
+# (epochs, lr, batch size, epochs at which the rate drops x0.1), and the layers docs/method.md §8 compresses,
 # as a rule on the baseline's Conv2d names.
 CIFAR_FT = dict(epochs=200, lr=0.01, batch_size=128, drops=[100], weight_decay=1e-5)
 IMAGENET_FT = dict(epochs=21, lr=0.001, batch_size=64, drops=[7, 14], weight_decay=1e-5)
@@ -207,7 +207,7 @@ def test_recipe_runs_on_fakedata(recipe, tmp_path, offline_torchvision_weights):
     else:
         assert (tmp_path / "train" / "metrics.jsonl").is_file()
 
-    # compress: the recipe's G, T and layer choice (KSE.md §8)
+    # compress: the recipe's G, T and layer choice (docs/method.md §8)
     compressed_file = tmp_path / "compressed.kse"
     ok(["compress", "--config", config["compress"], "--checkpoint", baseline_file, "--out", compressed_file])
     compressed = kse.load(compressed_file)

@@ -11,7 +11,7 @@ from kse.models import get_model
 
 def test_cifar_resnet56_counts():
     p = kse.profile(get_model("resnet56", num_classes=10), (3, 32, 32))
-    assert round(p.macs / 1e6) == 125  # 125.5 M in KSE.md §9 / He et al.
+    assert round(p.macs / 1e6) == 125  # 125.5 M in docs/method.md §9 / He et al.
     assert round(p.params / 1e6, 2) == 0.85
 
 
