@@ -20,10 +20,11 @@ from .deploy import deploy_
 from .fold import fold_batchnorm
 from .kmeans import batched_kmeans
 from .profile import Profile, profile
+from .recalibrate import recalibrate_bn_
 from .serialization import CheckpointError, load, save
 
 __all__ = [
     "CheckpointError", "KSEConfig", "KSEConv2d", "LayerPlan", "Profile", "batched_kmeans", "centroid_counts", "cluster_kernels",
     "compress", "compress_", "deploy_", "filter_prune", "fold_batchnorm", "fused", "kernel_entropy", "kernel_sparsity", "kse_indicator",
-    "load", "models", "official_layout_entropy", "plan", "profile", "save",
+    "load", "models", "official_layout_entropy", "plan", "profile", "recalibrate_bn_", "save",
 ]
