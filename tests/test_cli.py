@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import kse
-from kse import cli
+import kse.export
+from kse.cli import demo as cli_demo
 from kse.cli import main
 from clitools import ok, one_error_line, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
 
@@ -60,6 +61,37 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert f"usage: kse {command}" in capsys.readouterr().out
+
+
+ALL_COMMANDS = ["train", "models", "analyze", "compress", "prune-l1", "finetune", "eval", "bench", "deploy", "export",
+                "demo"]
+
+
+def test_parser_registers_every_command_and_the_docstring_lists_them():
+    import kse.cli
+    from kse.cli import build_parser
+
+    parser = build_parser()
+    assert sorted(parser.commands) == sorted(ALL_COMMANDS)
+    for name in ALL_COMMANDS:
+        assert f"    kse {name} " in kse.cli.__doc__, name
+        sub = parser.commands[name]
+        # every built-in default fills a flag of its command (a misspelt key would never be used)
+        assert set(sub.defaults) <= set(sub.flags), (name, set(sub.defaults) - set(sub.flags))
+        assert ("config" in sub.flags) is (name != "models")
+
+
+def test_cli_package_uses_no_argparse_internals():
+    import kse.cli
+
+    from pathlib import Path
+
+    sources = sorted(Path(kse.cli.__file__).parent.glob("*.py"))
+    assert len(sources) >= 8
+    for path in sources:
+        text = path.read_text()
+        for private in ("._actions", "._subparsers", "._group_actions", "._option_string_actions", "._defaults"):
+            assert private not in text, f"{path.name} uses argparse's {private}"
 
 
 def test_models_lists_registered_names():
@@ -200,7 +232,7 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
 
 
 def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch):
-    monkeypatch.setattr(cli, "_max_rel_diff", lambda out, ref: 0.5)
+    monkeypatch.setattr(kse.export, "max_rel_diff", lambda out, ref: 0.5)
     out_dir = work / "export-bad"
     line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript",
                            "--form", "full"])
@@ -264,7 +296,7 @@ def test_demo_on_a_fake_checkpoint(work, baseline):
 
 # ----------------------------------------------------------------------------- errors
 def test_demo_without_a_baseline_says_how_to_make_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_demo_checkpoint_candidates", lambda: [tmp_path / "checkpoints/resnet56-fmnist.kse"])
+    monkeypatch.setattr(cli_demo, "checkpoint_candidates", lambda: [tmp_path / "checkpoints/resnet56-fmnist.kse"])
     line = one_error_line(["demo", "--out", tmp_path / "demo"])
     assert line.startswith(f"kse demo: error: no baseline checkpoint at {tmp_path / 'checkpoints/resnet56-fmnist.kse'}")
     assert "kse train --arch resnet56 --dataset fashion-mnist --out checkpoints/resnet56-fmnist" in line
@@ -273,7 +305,7 @@ def test_demo_without_a_baseline_says_how_to_make_one(tmp_path, monkeypatch):
 
 def test_demo_default_candidates_are_the_repository_and_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = cli._demo_checkpoint_candidates()
+    found = cli_demo.checkpoint_candidates()
     root = type(tmp_path)(kse.__file__).resolve().parents[2]
     assert found[0] == root / "checkpoints" / "resnet56-fmnist.kse"
     assert tmp_path / "checkpoints" / "resnet56-fmnist.kse" in found

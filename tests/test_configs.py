@@ -70,8 +70,7 @@ def load(recipe: str, stage: str) -> dict:
 
 
 def subparser(stage: str) -> argparse.ArgumentParser:
-    parser = build_parser()
-    return parser._subparsers._group_actions[0].choices[stage]
+    return build_parser().commands[stage]
 
 
 # ----------------------------------------------------------------------------- the files
@@ -105,7 +104,7 @@ def _check_value(flag: str, action: argparse.Action, value) -> None:
 def test_every_key_is_a_flag_of_its_stage(recipe, stage):
     config = load(recipe, stage)
     assert isinstance(config, dict) and config
-    actions = {a.dest: a for a in subparser(stage)._actions}
+    actions = subparser(stage).flags
     for key, value in config.items():
         dest = key.replace("-", "_")
         assert dest in actions and dest not in ("help", "config"), f"{recipe}/{stage}.yaml: {key!r} is no flag"

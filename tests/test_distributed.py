@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,3 +71,81 @@ def test_torchrun_finetune_two_processes(tmp_path):
     tuned = kse.load(out / "model.kse")
     assert not torch.equal(tuned.layer2[1].conv1.centroids, net.layer2[1].conv1.centroids)
     assert torch.equal(tuned.layer2[1].conv1.assignment, net.layer2[1].conv1.assignment)  # frozen
+
+
+# ----------------------------------------------------------------------------- kse.distributed in one process
+def test_world_size_reads_torchrun_environment(monkeypatch):
+    from kse import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert distributed.world_size() == 3
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE must be an integer, got 'two'"):
+        distributed.world_size()
+
+
+def test_cuda_rank_without_a_gpu_is_refused(monkeypatch):
+    from kse import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(ValueError, match=rf"LOCAL_RANK {torch.cuda.device_count()} has no GPU .*--nproc_per_node"):
+        distributed.init_distributed(torch.device("cuda"))
+
+
+def test_revert_sync_batchnorm_restores_plain_batchnorm():
+    from kse import distributed
+
+    net = get_model("resnet20", num_classes=10, in_channels=3).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    plain = distributed.revert_sync_batchnorm(synced)
+    kinds = {type(m) for m in plain.modules()}
+    assert torch.nn.SyncBatchNorm not in kinds and torch.nn.BatchNorm2d in kinds
+    assert not plain.training
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ref)
+    lone = distributed.revert_sync_batchnorm(torch.nn.SyncBatchNorm(4).train())
+    assert type(lone) is torch.nn.BatchNorm2d and lone.training
+
+
+def test_one_process_group(monkeypatch):
+    """init / samplers / DDP / teardown in a gloo group of one process."""
+    import socket
+
+    from torch.utils.data import TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from kse import distributed
+    from kse.data import ShardSampler
+
+    assert distributed.samplers([0] * 4, [0] * 4) == (None, None)  # outside a group
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    device = distributed.init_distributed(torch.device("cpu"))
+    seen = {}
+
+    def job() -> int:
+        seen["initialized"] = distributed.is_initialized()
+        train, test = distributed.samplers(TensorDataset(torch.zeros(6)), TensorDataset(torch.zeros(5)), seed=1)
+        seen["samplers"] = (type(train), type(test), sorted(test))
+        seen["ddp"] = type(distributed.wrap_ddp(torch.nn.Linear(2, 2), device))
+        return 7
+
+    assert device == torch.device("cpu")
+    assert distributed.run_distributed(job) == 7
+    assert seen == {"initialized": True, "samplers": (DistributedSampler, ShardSampler, [0, 1, 2, 3, 4]),
+                    "ddp": torch.nn.parallel.DistributedDataParallel}
+    assert not distributed.is_initialized()  # torn down after the job

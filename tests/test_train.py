@@ -229,3 +229,27 @@ def test_optimizer_default_and_official():
     official = build_optimizer(net, TrainConfig(weight_decay=1e-5, nesterov=False, decay_norm_and_bias=True))
     assert official.defaults["nesterov"] is False
     assert [(len(g["params"]), g["weight_decay"]) for g in official.param_groups] == [(6, 1e-5), (0, 0.0)]
+
+
+def test_finetune_steps_runs_whole_epochs_of_capped_length():
+    from kse.train import finetune_steps
+
+    train, _, _ = _loaders()  # 32 images, batch 8: 4 batches per epoch
+    model = _model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    summary = finetune_steps(model, train, steps=6, lr=0.01, device=CPU, seed=3)
+    # 6 steps over 4-batch epochs: 2 epochs of ceil(6 / 2) = 3 steps
+    assert {k: summary[k] for k in ("steps", "epochs", "lr", "weight_decay", "batch_size")} == {
+        "steps": 6, "epochs": 2, "lr": 0.01, "weight_decay": 1e-5, "batch_size": 8}
+    assert math.isfinite(summary["train_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_finetune_steps_errors():
+    from kse.train import finetune_steps
+
+    empty = DataLoader(get_dataset("fake", train=True, fake_size=4, input_size=16)[0], 8, drop_last=True)
+    with pytest.raises(ValueError, match="the training split is smaller than one batch"):
+        finetune_steps(_model(0), empty, steps=3, lr=0.01, device=CPU)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        finetune_steps(_model(0), _loaders()[0], steps=0, lr=0.01, device=CPU)

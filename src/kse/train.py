@@ -330,3 +330,30 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     return history
+
+
+def finetune_steps(model: nn.Module, train_loader, steps: int, lr: float, device: torch.device,
+                   seed: int = 0) -> Dict[str, object]:
+    """A short fine-tuning run of about ``steps`` SGD steps, as ``kse demo`` runs it: the
+    optimizer of the KSE paper's fine-tuning (Li et al., CVPR 2019: momentum 0.9, weight decay
+    1e-5) with the rate x0.1 at half the run, over whole epochs of at most ``ceil(steps / epochs)`` batches each. Returns a
+    summary (``steps``, ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``schedule``,
+    ``train_loss`` of the last epoch)."""
+    per_epoch = len(train_loader)
+    if per_epoch == 0:
+        raise ValueError("the training split is smaller than one batch; lower the batch size")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    epochs = max(1, math.ceil(steps / per_epoch))
+    per_epoch_steps = math.ceil(steps / epochs)
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=0.9, weight_decay=1e-5, batch_size=train_loader.batch_size,
+                      schedule="multistep", milestones=[0.5], gamma=0.1, seed=seed, channels_last=False,
+                      max_steps_per_epoch=per_epoch_steps)
+    optimizer = build_optimizer(model, cfg)
+    rows = []
+    for epoch in range(epochs):
+        torch.manual_seed(seed * 1000 + epoch)
+        rows.append(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device))
+    return {"steps": epochs * min(per_epoch_steps, per_epoch), "epochs": epochs, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": "multistep, x0.1 at half",
+            "train_loss": rows[-1]["train_loss"]}

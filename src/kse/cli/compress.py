@@ -1,0 +1,223 @@
+"""``kse analyze`` (the per-layer KSE plan), ``kse compress`` (KSE) and ``kse prune-l1`` (the
+L1-norm filter pruning baseline): commands that read a checkpoint and plan or shrink it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .common import (CLIError, add_command, add_common, checkpoint_path, checkpoint_input_size, kse_config, kse_layers,
+                     load_model, output_file, save_args, save_json, stage, write_model)
+
+
+# ----------------------------------------------------------------------------- shared with kse demo
+def compress_model(model: torch.nn.Module, args: argparse.Namespace, path: Path):
+    """Compress in place; returns ``(plans, profile before, profile after)``."""
+    from ..compress import compress_
+    from ..profile import profile
+
+    size = checkpoint_input_size(model, path)
+    cfg = kse_config(args, size)
+    before = profile(model, size)
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(cfg.seed))
+    try:
+        plans = compress_(model, cfg, example_inputs=example)
+    except ValueError as exc:
+        hint = (" (the checkpoint is already KSE-compressed; compress its dense baseline instead)"
+                if kse_layers(model) else "")
+        raise CLIError(f"{exc}{hint}") from None
+    return plans, before, profile(model, size)
+
+
+def print_layer_table(rows, planned: bool) -> None:
+    from ..report import text_table
+
+    def stat(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    table = [[r["name"], r["in_channels"], r["out_channels"], r["kept"], r["centroids"], f"{r['ratio']:.2f}x",
+              stat(r["indicator_min"]), stat(r["indicator_mean"]), stat(r["indicator_max"])] for r in rows]
+    headers = ["layer", "C_in", "N", "kept", "centroids", "ratio", "v_min", "v_mean", "v_max"]
+    if not planned:
+        headers, table = headers[:6] + ["form"], [t[:6] + [r["form"]] for t, r in zip(table, rows)]
+    print(text_table(headers, table))
+
+
+def print_profiles(before, after, sizes: Optional[tuple] = None) -> None:
+    from ..report import fmt_bytes, fmt_count, fmt_ratio, text_table
+
+    rows = [["params", fmt_count(before.params), fmt_count(after.params), fmt_ratio(before.params, after.params)],
+            ["MACs", fmt_count(before.macs), fmt_count(after.macs), fmt_ratio(before.macs, after.macs)],
+            ["fusion adds", fmt_count(before.fusion_adds), fmt_count(after.fusion_adds), ""],
+            ["stored size", fmt_bytes(before.stored_bytes), fmt_bytes(after.stored_bytes),
+             fmt_ratio(before.stored_bytes, after.stored_bytes)]]
+    if sizes:
+        rows.append(["file size", fmt_bytes(sizes[0]), fmt_bytes(sizes[1]), fmt_ratio(*sizes)])
+    print(text_table(["", "before", "after", "ratio"], rows))
+
+
+# ----------------------------------------------------------------------------- analyze
+def _analysis(model: torch.nn.Module, args: argparse.Namespace, path: Path) -> Dict[str, Any]:
+    from ..compress import plan
+    from ..report import kse_layer_summary, layer_summary, summary_totals
+
+    size = checkpoint_input_size(model, path)
+    cfg = kse_config(args, size)
+    existing = kse_layer_summary(model)
+    try:
+        example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        rows = layer_summary(plan(model, cfg, example))
+    except ValueError as exc:
+        if not existing:
+            raise CLIError(str(exc)) from None
+        rows = []  # already compressed: report the KSE layers it has
+    return {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "config": cfg.to_dict(),
+            "planned": rows, "planned_totals": summary_totals(rows) if rows else None,
+            "compressed": existing, "compressed_totals": summary_totals(existing) if existing else None}
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ..report import plot_layers
+
+    path = checkpoint_path(args)
+    kse_config(args)  # a bad --G fails before the model is read
+    model = load_model(path)
+    result = _analysis(model, args, path)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_args(args, out)
+        save_json(out / "analysis.json", result)
+        rows = result["planned"] or result["compressed"]
+        plot_layers(rows, out / "analysis.png", G=args.G if result["planned"] else None,
+                    title=f"{path.name}: KSE G={args.G} T={args.T} alpha={args.alpha}")
+        result_files = [out / "analysis.json", out / "analysis.png", out / "args.json"]
+    else:
+        result_files = []
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        cfg = result["config"]
+        for key, planned in (("planned", True), ("compressed", False)):
+            rows, totals = result[key], result[f"{key}_totals"]
+            if not rows:
+                continue
+            print(f"{'KSE plan' if planned else 'KSE layers already in the model'} for {path} "
+                  f"({result['arch']}" + (f", G={cfg['G']} T={cfg['T']} alpha={cfg['alpha']})" if planned else ")"))
+            print_layer_table(rows, planned)
+            print(f"total: {totals['layers']} layers, input channels kept {totals['kept']}/{totals['in_channels']}, "
+                  f"{totals['centroids']} centroids for {totals['kernels']} kernels ({totals['ratio']:.2f}x)\n")
+        for f in result_files:
+            print(f"wrote {f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compress
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ..report import layer_summary
+
+    path = checkpoint_path(args)
+    out = output_file(args, path, "the compressed .kse file to write")
+    kse_config(args)
+    model = load_model(path)
+    plans, before, after = compress_model(model, args, path)
+    extra = {**(getattr(model, "kse_extra", None) or {}),
+             "compressed_from": str(path), "baseline": {"params": before.params, "macs": before.macs}}
+    write_model(args, model, out, extra)
+    print_layer_table(layer_summary(plans), planned=True)
+    print()
+    print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- prune-l1
+def cmd_prune_l1(args: argparse.Namespace) -> int:
+    from ..filter_prune import l1_prune_, prune_to_macs
+    from ..profile import profile
+
+    path = checkpoint_path(args)
+    out = output_file(args, path, "the pruned .kse file to write")
+    targets = [f for f, v in (("--ratio", args.ratio), ("--macs", args.macs), ("--match", args.match)) if v is not None]
+    if len(targets) != 1:
+        raise CLIError("give exactly one of --ratio (fraction of filters to remove), --macs (a MAC budget) or "
+                       f"--match (a .kse file whose MACs to match); got {', '.join(targets) or 'none'}")
+    model = load_model(path)
+    if kse_layers(model):
+        raise CLIError(f"{path} is KSE-compressed; L1 filter pruning starts from a dense baseline")
+    size = checkpoint_input_size(model, path)
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    before = profile(model, size)
+    try:
+        if args.ratio is not None:
+            removed = l1_prune_(model, args.ratio, args.layers, example)
+            ratio = args.ratio
+        else:
+            target = args.macs
+            if args.match is not None:
+                other = Path(args.match)
+                if not other.is_file():
+                    raise CLIError(f"--match: file not found: {other}")
+                matched = load_model(other, "--match")
+                target = profile(matched, checkpoint_input_size(matched, other)).macs
+            stage("prune-l1", f"searching the pruning ratio for {target / 1e6:.2f}M MACs")
+            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    after = profile(model, size)
+    extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
+             "l1_prune": {"ratio": ratio, "layers": list(args.layers), "removed": {k: len(v) for k, v in removed.items()},
+                          "baseline": {"params": before.params, "macs": before.macs}}}
+    write_model(args, model, out, extra)
+    print(f"L1 filter pruning, ratio {ratio:.4f} on {len(removed)} layers ({', '.join(args.layers)})")
+    print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+def register(subparsers) -> None:
+    p = add_command(subparsers, "analyze", cmd_analyze, folder_out=True,
+                    defaults=dict(G=4, T=0, alpha=1.0, json=False),
+                    help="per-layer KSE plan of a checkpoint (indicator, channels kept, centroids)",
+                    description="Score every eligible convolution of a checkpoint with the KSE indicator and show "
+                                "what KSE would keep (no data needed; the model is not changed). With --out, "
+                                "writes analysis.json and analysis.png there.")
+    add_common(p, "checkpoint", "out", "G", "T", "alpha")
+    p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to consider")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to skip")
+    p.add_argument("--json", action="store_true", default=None, help="print the analysis as one JSON object")
+
+    p = add_command(subparsers, "compress", cmd_compress,
+                    defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse", entropy_layout="paper"),
+                    help="compress a checkpoint with KSE",
+                    description="Load a .kse checkpoint, compress it with KSE (KSE.md §1-5) and save the result; "
+                                "prints the per-layer plan and params / MACs before and after.")
+    add_common(p, "checkpoint", "out", "G", "T", "alpha", "seed")
+    p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to compress")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to leave alone")
+    p.add_argument("--score", choices=["kse", "sparsity", "entropy"], default=None,
+                   help="ablations: rank input channels by sparsity or entropy alone (default: kse, Eq. 7)")
+    p.add_argument("--entropy-layout", choices=["paper", "official"], default=None,
+                   help="ablation: 'official' reproduces the authors' code's entropy layout bug (default: paper)")
+    p.add_argument("--n-init", type=int, default=None, metavar="K",
+                   help="k-means starts per centroid count, the best kept (default 1; the authors' code: 10)")
+    p.add_argument("--channel-multiple", type=int, default=None, metavar="M",
+                   help="keep each shrunk producer's width a multiple of M when removing dead channels "
+                        "(default 8, widths fast kernels handle well; 1: remove every dead channel)")
+
+    p = add_command(subparsers, "prune-l1", cmd_prune_l1, defaults=dict(layers=["*.conv1"]),
+                    help="L1-norm filter pruning (Li et al. 2017), the peer KSE is compared to",
+                    description="Remove the output filters of smallest L1 norm from the selected convolutions "
+                                "(default: the first conv of every residual block, as Li et al. do for ResNet-56), "
+                                "with Torch-Pruning's DependencyGraph; the same fraction in every layer, given or "
+                                "searched to meet a MAC budget. Writes a dense .kse file for `kse finetune`.")
+    add_common(p, "checkpoint", "out")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
+    p.add_argument("--macs", type=float, default=None, help="MAC budget of the pruned model")
+    p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")

@@ -1,0 +1,185 @@
+"""Export a model to ONNX or TorchScript and verify the written file against eager PyTorch.
+
+Every file is written under a temporary name, run on a batch the export never saw (the batch
+axis stays dynamic), compared with the model's own outputs, and renamed into place only when
+the largest difference, relative to the largest output magnitude, is within ``tolerance``::
+
+    >>> import kse, kse.export
+    >>> model = kse.load("runs/ft/model.kse")                             # doctest: +SKIP
+    >>> manifest = kse.export.export_model(model, "runs/export", input_size=(3, 32, 32))  # doctest: +SKIP
+    >>> manifest["exports"]["onnx"]["max_rel_diff"] <= 1e-4               # doctest: +SKIP
+    True
+
+Formats (:data:`FORMATS`): ``"onnx"`` (the TorchScript-based ``torch.onnx.export``, run with
+onnxruntime on CPU) and ``"torchscript"`` (``torch.jit.trace``, reloaded with
+``torch.jit.load``). TorchScript keeps the compiled fused KSE kernel (``torch.ops.kse``);
+ONNX gets KSE layers in stock forms, since onnxruntime cannot run the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .atomic import atomic_path, write_text
+
+#: format name -> file name written in the output folder
+FORMATS: Dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts.pt"}
+_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
+
+TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """An export that failed or whose file does not reproduce the model; nothing was written."""
+
+
+def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|``: the largest difference relative to the largest output."""
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def export_and_check(model: nn.Module, fmt: str, target: Union[str, Path], example: torch.Tensor,
+                     check: torch.Tensor, ref: torch.Tensor) -> float:
+    """Export ``model`` to ``target`` in ``fmt`` (traced on ``example``), run the file on
+    ``check`` and return the relative difference to ``ref = model(check)`` (``inf`` when the
+    shapes differ). A failing export raises :class:`ExportError` with a one-line reason."""
+    _check_format(fmt)
+    target = str(target)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():  # inference: no backward graph is recorded
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                import onnxruntime as ort
+
+                # NOTE: the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript
+                torch.onnx.export(model, (example,), target, dynamo=False, input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
+                got = torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
+            else:
+                torch.jit.trace(model, example).save(target)
+                got = torch.jit.load(target)(check)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"{_LABELS[fmt]} export failed: {type(exc).__name__}: {reason}") from exc
+    return max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
+
+
+def export_verified(model: nn.Module, fmt: str, target: Union[str, Path], example: torch.Tensor,
+                    check: torch.Tensor, ref: torch.Tensor, tolerance: float = TOLERANCE) -> float:
+    """:func:`export_and_check` through a temporary file renamed onto ``target`` only when the
+    difference is at most ``tolerance``; otherwise :class:`ExportError` and no file is left."""
+    with atomic_path(target) as tmp:
+        diff = export_and_check(model, fmt, tmp, example, check, ref)
+        if not diff <= tolerance:
+            raise ExportError(f"{fmt} export does not match PyTorch: max relative difference {diff:.3g} > "
+                              f"{tolerance:g} (nothing written)")
+    return diff
+
+
+def forms_for_format(forms: Dict[str, str], fmt: str, form: str = "auto") -> Dict[str, str]:
+    """The form each KSE layer gets in ``fmt``: the deployed ``forms`` for TorchScript; for ONNX
+    ``"full"`` under ``form="auto"``, else the forms with the compiled kernel replaced by
+    ``"full"``.
+
+    NOTE: onnxruntime cannot run the compiled kernel, and runs the channel gather of ``"dense"``
+    slowly (forms measured in PyTorch say nothing of it): zero kernels for the dropped channels.
+    """
+    from .conv import without_fused
+
+    if fmt != "onnx":
+        return dict(forms)
+    return {n: "full" if form == "auto" else without_fused(f, "full") for n, f in forms.items()}
+
+
+def _kse_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    from .conv import KSEConv2d
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, KSEConv2d)}
+
+
+def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[str] = ("onnx", "torchscript"), *,
+                 input_size: Sequence[int], batch_size: int = 1, forms: Optional[Dict[str, str]] = None,
+                 form: str = "auto", fold: bool = True,
+                 tolerance: float = TOLERANCE, header: Optional[Dict[str, Any]] = None,
+                 on_note: Optional[Callable[[str], None]] = None,
+                 on_written: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Export ``model`` (its KSE layers already in their inference forms, e.g. by
+    ``kse.deploy_``) to ``out_dir/model.onnx`` and/or ``out_dir/model.ts.pt``, each verified
+    against eager PyTorch, and write the manifest ``out_dir/export.json``.
+
+    Args:
+        formats: names from :data:`FORMATS`, in the order to write them.
+        input_size: ``(C, H, W)``; the trace runs at ``batch_size``, the check at ``batch_size + 2``.
+        forms: the KSE layers' deployed forms, as ``kse.deploy_`` returns them (default: each
+            layer's current form).
+        form: the form the layers were deployed with (``"auto"`` or one form); decides what
+            ONNX gets (:func:`forms_for_format`).
+        fold: fold each BatchNorm into the convolution before it (``kse.fold_batchnorm``); a
+            model that cannot be folded is exported unfolded, with a note.
+        header: entries put first in the manifest (e.g. ``{"checkpoint": path}``).
+        on_note: called with a one-line note (BatchNorm not folded).
+        on_written: called as ``on_written(fmt, entry)`` after each verified file, ``entry``
+            holding ``file``, ``max_rel_diff``, ``forms``, ``check_batch``.
+
+    Returns the manifest. Raises :class:`ExportError` when a format fails or does not match
+    (that file is not written), ``ValueError`` for an unknown format or a bad size.
+    """
+    formats = list(dict.fromkeys(formats))
+    for fmt in formats:
+        _check_format(fmt)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    input_size = tuple(int(s) for s in input_size)
+    layers = _kse_layers(model)
+    forms = dict(forms) if forms is not None else {n: m.form for n, m in layers.items()}
+    model.eval()
+    exported, folded = model, False
+    if fold:
+        from .fold import fold_batchnorm
+
+        try:  # the check below compares the folded model's files with the unfolded model's outputs
+            exported, folded = fold_batchnorm(model), True
+            layers = _kse_layers(exported)
+        except ValueError as exc:
+            if on_note:
+                on_note(f"note: BatchNorm not folded ({exc})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    # the trace runs at batch_size: TorchScript keeps the forms chosen for it
+    example = torch.randn(batch_size, *input_size, generator=gen)
+    check = torch.randn(batch_size + 2, *input_size, generator=gen)  # the batch axis must stay dynamic
+    with torch.no_grad():
+        ref = model(check)
+    verified: Dict[str, Dict[str, Any]] = {}
+    for fmt in formats:
+        target = out / FORMATS[fmt]
+        for n, f in forms_for_format(forms, fmt, form).items():
+            layers[n].set_form(f)
+        diff = export_verified(exported, fmt, target, example, check, ref, tolerance)
+        ran = dict(Counter(m._form_for_batch(batch_size) for m in layers.values()))
+        verified[fmt] = {"file": str(target), "max_rel_diff": diff, "forms": ran}
+        if on_written:
+            on_written(fmt, {**verified[fmt], "check_batch": len(check)})
+    manifest = {**(header or {}), "arch": (getattr(model, "kse_arch", None) or {}).get("name"),
+                "input_size": list(input_size), "preprocess": getattr(model, "kse_preprocess", None),
+                "forms": dict(Counter(forms.values())), "tolerance": tolerance, "batch_size": batch_size,
+                "batchnorm_folded": folded, "exports": verified, "input_name": "input", "output_name": "logits"}
+    if "fused" in verified.get("torchscript", {}).get("forms", {}):
+        manifest["torchscript_needs"] = ("the kse operator library: `import kse.fused; kse.fused.available()` "
+                                         "before torch.jit.load (or torch.ops.load_library(kse.fused.library_path()))")
+    write_text(out / "export.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest

@@ -1,0 +1,140 @@
+"""kse.export: ONNX and TorchScript files written, checked against eager PyTorch, atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kse
+import kse.export as kx
+
+from nets import tiny_kse
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+
+
+def _deployed(form: str = "split") -> nn.Module:
+    net = tiny_kse()
+    kse.deploy_(net, form=form)
+    return net
+
+
+def _batch(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(n))
+
+
+def test_max_rel_diff_is_relative_to_the_largest_output():
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    out = ref.clone()
+    out[1, 0] += 0.2
+    assert kx.max_rel_diff(out, ref) == pytest.approx(0.2 / 4.0)
+    assert kx.max_rel_diff(ref, ref) == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_model_writes_files_that_match_eager(tmp_path, fmt):
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+    net = _deployed("split")
+    layers = sum(isinstance(m, kse.KSEConv2d) for m in net.modules())
+    written = []
+    manifest = kx.export_model(net, tmp_path, [fmt], input_size=(1, 16, 16), header={"checkpoint": "x.kse"},
+                               on_written=lambda f, entry: written.append((f, entry)))
+    target = tmp_path / kx.FORMATS[fmt]
+    assert [f for f, _ in written] == [fmt] and written[0][1]["file"] == str(target)
+    assert written[0][1]["check_batch"] == 3  # batch_size + 2: the batch axis is dynamic
+    assert json.loads((tmp_path / "export.json").read_text()) == json.loads(json.dumps(manifest))
+    assert list(manifest)[:2] == ["checkpoint", "arch"] and manifest["batchnorm_folded"] is True
+    assert manifest["forms"] == {"split": layers}
+    entry = manifest["exports"][fmt]
+    assert entry["max_rel_diff"] <= 1e-4
+    # ONNX gets zero kernels for the dropped channels; TorchScript keeps the deployed form
+    assert entry["forms"] == ({"full": layers} if fmt == "onnx" else {"split": layers})
+    # checked again here, on a batch size the export never saw
+    x = _batch(5)
+    with torch.no_grad():
+        ref = net(x)
+        if fmt == "onnx":
+            got = torch.from_numpy(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+                                   .run(None, {"input": x.numpy()})[0])
+        else:
+            got = torch.jit.load(str(target))(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_export_model_folds_batchnorm_unless_told_not_to(tmp_path, fold):
+    manifest = kx.export_model(_deployed(), tmp_path, ["torchscript"], input_size=(1, 16, 16), fold=fold)
+    assert manifest["batchnorm_folded"] is fold
+    kinds = {m.original_name for m in torch.jit.load(str(tmp_path / "model.ts.pt")).modules()}
+    assert ("BatchNorm2d" in kinds) is not fold
+
+
+class _DataDependent(nn.Module):
+    """torch.fx cannot trace it (a branch on a tensor's value), so BatchNorm cannot be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if bool(x.sum() > -1e9) else -y
+
+
+def test_export_model_notes_a_model_it_cannot_fold(tmp_path):
+    notes = []
+    manifest = kx.export_model(_DataDependent().eval(), tmp_path, ["torchscript"], input_size=(1, 8, 8),
+                               on_note=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("note: BatchNorm not folded (cannot fold BatchNorm")
+    assert manifest["batchnorm_folded"] is False and manifest["exports"]["torchscript"]["max_rel_diff"] <= 1e-4
+
+
+def test_mismatch_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(kx, "max_rel_diff", lambda out, ref: 0.5)
+    net = _deployed()
+    x = _batch(3)
+    with torch.no_grad():
+        ref = net(x)
+    with pytest.raises(kx.ExportError, match=r"torchscript export does not match PyTorch: max relative "
+                                             r"difference 0.5 > 0.0001 \(nothing written\)"):
+        kx.export_verified(net, "torchscript", tmp_path / "model.ts.pt", _batch(1), x, ref)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_failing_export_is_one_line_and_leaves_no_file(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no forward here\nsecond line")
+
+    x = _batch(1)
+    with pytest.raises(kx.ExportError, match=r"^TorchScript export failed: RuntimeError: no forward here$"):
+        kx.export_verified(Broken(), "torchscript", tmp_path / "model.ts.pt", x, x, x)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_different_output_shape_is_infinitely_far(tmp_path):
+    net = nn.Flatten().eval()
+    x = _batch(2)
+    assert kx.export_and_check(net, "torchscript", tmp_path / "m.ts.pt", x, x, torch.zeros(2, 3)) == float("inf")
+
+
+@pytest.mark.parametrize("forms, fmt, form, expected", [
+    ({"a": "split", "b": "fused"}, "torchscript", "auto", {"a": "split", "b": "fused"}),
+    ({"a": "split", "b": "fused"}, "onnx", "auto", {"a": "full", "b": "full"}),
+    ({"a": "split", "b": "fused@1,dense@64"}, "onnx", "split", {"a": "split", "b": "full@1,dense@64"}),
+])
+def test_forms_for_format(forms, fmt, form, expected):
+    assert kx.forms_for_format(forms, fmt, form) == expected
+
+
+def test_bad_arguments(tmp_path):
+    net = _deployed()
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of: onnx, torchscript"):
+        kx.export_model(net, tmp_path, ["tflite"], input_size=(1, 16, 16))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        kx.export_model(net, tmp_path, ["torchscript"], input_size=(1, 16, 16), batch_size=0)
+    assert list(tmp_path.iterdir()) == []
