@@ -154,7 +154,7 @@ def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finet
         assert torch.equal(a.assignment, b.assignment) and torch.equal(a.kept_channels, b.kept_channels)
     assert any(not torch.equal(a.centroids, b.centroids) for a, b in pairs)  # the centroids were trained
     args = json.loads((finetuned / "args.json").read_text())
-    assert (args["lr"], args["weight_decay"], args["schedule"]) == (0.01, 1e-5, "multistep")  # KSE.md §6
+    assert (args["lr"], args["weight_decay"], args["schedule"]) == (0.01, 1e-5, "multistep")  # docs/method.md §6
 
     ok(["finetune", "--checkpoint", compressed[0], "--out", finetuned, "--epochs", 2, "--max-steps", 2,
         "--batch-size", 8, "--fake-size", 32, "--resume", *TINY])

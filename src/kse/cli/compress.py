@@ -195,8 +195,8 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "compress", cmd_compress,
                     defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse", entropy_layout="paper"),
                     help="compress a checkpoint with KSE",
-                    description="Load a .kse checkpoint, compress it with KSE (KSE.md §1-5) and save the result; "
-                                "prints the per-layer plan and params / MACs before and after.")
+                    description="Load a .kse checkpoint, compress it with KSE (docs/method.md §1-5) and save the "
+                                "result; prints the per-layer plan and params / MACs before and after.")
     add_common(p, "checkpoint", "out", "G", "T", "alpha", "seed")
     p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to compress")
     p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to leave alone")

@@ -204,8 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"({report['threads']} threads, best of 10 interleaved rounds of {max(args.repeats // 10, 1)} runs; KSE layer "
         f"forms chosen by measurement for each batch size: " + ", ".join(f"batch {b}: {f}" for b, f in forms_by_batch.items()) + ").", "",
         markdown_table(headers, table), "",
-        f"MACs follow the paper's deployment accounting (KSE.md §7): the centroid convolutions; the channel-fusion "
-        f"additions ({fmt_count(prof_kse.fusion_adds)}) are not included. Latency is measured on the forms "
+        f"MACs follow the paper's deployment accounting (docs/method.md §7): the centroid convolutions; the "
+        f"channel-fusion additions ({fmt_count(prof_kse.fusion_adds)}) are not included. Latency is measured on the forms "
         f"that ran fastest here (`fused`: this package's compiled kernel), so it need not shrink as much as the "
         f"MACs. \"BatchNorm folded\": both models as deployed for inference (`kse.fold_batchnorm`, what "
         f"`kse export` does), each BatchNorm folded into the convolution before it.", "",

@@ -17,7 +17,7 @@ from .common import (CLIError, add_command, add_common, check_dataset_fits, chec
 def _finetune_config(args: argparse.Namespace):
     from ..train import TrainConfig
 
-    # KSE.md §6: SGD momentum 0.9, weight decay 1e-5, lr 0.01, lr x0.1 at half the run (CIFAR-10);
+    # docs/method.md §6: SGD momentum 0.9, weight decay 1e-5, lr 0.01, lr x0.1 at half the run (CIFAR-10);
     # ImageNet drops at epochs 7 and 14 of 21, hence --milestones (fractions of the run, as in TrainConfig)
     milestones = args.milestones if isinstance(args.milestones, (list, tuple)) else [args.milestones]  # YAML: 0.5
     official = bool(args.official_sgd)
@@ -90,7 +90,7 @@ def register(subparsers) -> None:
         epilog="Defaults: 20 epochs (the paper runs 200 on CIFAR-10), lr 0.01, batch 128, the dataset "
                "recorded in the checkpoint.",
         description="Fine-tune the centroids of a KSE-compressed model (assignments frozen) with the "
-                    "paper's recipe (KSE.md §6: SGD momentum 0.9, weight decay 1e-5, lr 0.01, x0.1 at "
+                    "paper's recipe (docs/method.md §6: SGD momentum 0.9, weight decay 1e-5, lr 0.01, x0.1 at "
                     "half the run unless --milestones says otherwise); writes last.ckpt every epoch, "
                     "metrics.jsonl and OUT/model.kse.")
     add_common(p, "checkpoint", "dataset", "data-dir", "out", "epochs", "lr", "batch-size", "device", "seed")
