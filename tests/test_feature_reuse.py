@@ -95,3 +95,26 @@ def test_plot_writes_a_png(tmp_path):
     out = plot_feature_reuse(blocks, tmp_path / "reuse.png", title="tiny")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["reuse.png"]
+
+
+def test_kse_analyze_writes_the_map_for_a_densenet(tmp_path, capsys):
+    import json
+
+    from kse.cli import main
+
+    path = tmp_path / "dense.kse"
+    kse.save(get_model("densenet40", num_classes=10, in_channels=1), path,
+             preprocess={"input_size": [1, 28, 28], "mean": [0.5], "std": [0.25]})
+    assert main(["analyze", "--checkpoint", str(path), "--G", "6", "--out", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("feature reuse, features.") == 3
+    assert (tmp_path / "a" / "feature_reuse.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert [b["block"] for b in data["feature_reuse"]] == ["features.0", "features.2", "features.4"]
+    assert len(data["feature_reuse"][2]["mean_indicator"]) == 12
+    # a network without dense blocks gets no map, and no error
+    plain = tmp_path / "plain.kse"
+    kse.save(get_model("resnet20", num_classes=10, in_channels=1), plain,
+             preprocess={"input_size": [1, 28, 28], "mean": [0.5], "std": [0.25]})
+    assert main(["analyze", "--checkpoint", str(plain), "--json"]) == 0
+    assert "feature_reuse" not in json.loads(capsys.readouterr().out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -77,7 +77,29 @@ def _analysis(model: torch.nn.Module, args: argparse.Namespace, path: Path) -> D
         rows = []  # already compressed: report the KSE layers it has
     return {"checkpoint": str(path), "arch": model.kse_arch.get("name"), "config": cfg.to_dict(),
             "planned": rows, "planned_totals": summary_totals(rows) if rows else None,
-            "compressed": existing, "compressed_totals": summary_totals(existing) if existing else None}
+            "compressed": existing, "compressed_totals": summary_totals(existing) if existing else None,
+            "feature_reuse": _feature_reuse(model, cfg)}
+
+
+def _feature_reuse(model: torch.nn.Module, cfg) -> Optional[List[Any]]:
+    """The DenseNet feature-reuse map (kse.feature_reuse) when the model has dense blocks whose
+    layers are not compressed yet; ``None`` otherwise."""
+    from ..feature_reuse import feature_reuse, find_dense_blocks
+
+    blocks = find_dense_blocks(model)
+    if not blocks or any(type(model.get_submodule(n)) is not torch.nn.Conv2d for b in blocks for n in b.layers):
+        return None
+    return feature_reuse(model, cfg)
+
+
+def _print_feature_reuse(blocks, G: int) -> None:
+    """Per dense block, the fraction of channels KSE drops by source, over all the layers reading it."""
+    for block in blocks:
+        n = len(block.layers)  # source i (0 = block input, i = layer i-1) is read by layers i..n-1
+        dropped = [sum(block.dropped_fraction[j][i] for j in range(i, n)) / (n - i) for i in range(n)]
+        cells = " ".join(f"{d:.2f}" for d in dropped)
+        print(f"feature reuse, {block.block} ({n} layers, growth {block.growth}): fraction of channels dropped at "
+              f"G={G} by source (block input, then layer 0..{n - 2}), over the layers reading it: {cells}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -87,6 +109,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     kse_config(args)  # a bad --G fails before the model is read
     model = load_model(path)
     result = _analysis(model, args, path)
+    reuse = result.pop("feature_reuse")
+    if reuse is not None:
+        result["feature_reuse"] = [b.to_dict() for b in reuse]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +121,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         plot_layers(rows, out / "analysis.png", G=args.G if result["planned"] else None,
                     title=f"{path.name}: KSE G={args.G} T={args.T} alpha={args.alpha}")
         result_files = [out / "analysis.json", out / "analysis.png", out / "args.json"]
+        if reuse is not None:
+            from ..feature_reuse import plot_feature_reuse
+
+            result_files.insert(2, plot_feature_reuse(reuse, out / "feature_reuse.png",
+                                                      title=f"{path.name}: feature reuse, KSE G={args.G} T={args.T}"))
     else:
         result_files = []
     if args.json:
@@ -111,6 +141,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print_layer_table(rows, planned)
             print(f"total: {totals['layers']} layers, input channels kept {totals['kept']}/{totals['in_channels']}, "
                   f"{totals['centroids']} centroids for {totals['kernels']} kernels ({totals['ratio']:.2f}x)\n")
+        if reuse is not None:
+            _print_feature_reuse(reuse, cfg["G"])
         for f in result_files:
             print(f"wrote {f}")
     return 0
@@ -186,7 +218,10 @@ def register(subparsers) -> None:
                     help="per-layer KSE plan of a checkpoint (indicator, channels kept, centroids)",
                     description="Score every eligible convolution of a checkpoint with the KSE indicator and show "
                                 "what KSE would keep (no data needed; the model is not changed). With --out, "
-                                "writes analysis.json and analysis.png there.")
+                                "writes analysis.json and analysis.png there. For a DenseNet, also the feature-reuse "
+                                "map: per dense block, the mean indicator and the fraction of channels dropped of "
+                                "each layer's inputs grouped by the earlier layer that produced them "
+                                "(feature_reuse.png).")
     add_common(p, "checkpoint", "out", "G", "T", "alpha")
     p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to consider")
     p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to skip")
