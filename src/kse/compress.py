@@ -120,6 +120,41 @@ def _example_input(model: nn.Module, cfg: KSEConfig) -> Tensor:
                 dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
 
+def _no_eligible_message(model: nn.Module, cfg: KSEConfig, example: Optional[Tensor]) -> str:
+    """Why :func:`select_layers` chose nothing: each convolution's reason, with the option that changes it."""
+    first = _first_conv_name(model, example) if cfg.skip_first else None
+    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    reasons: List[str] = []
+    if first is not None and any(n == first for n, _ in convs):
+        reasons.append(f"{first!r} is the first convolution (it reads the input), left dense by default: "
+                       "KSEConfig(skip_first=False) compresses it")
+    rest = [(n, m) for n, m in convs if n != first]
+    grouped = [n for n, m in rest if m.groups != 1 or m.padding_mode != "zeros"]
+    if grouped:
+        reasons.append(f"{len(grouped)} grouped, depthwise or non-zero-padded (never compressed: KSE needs groups == 1 "
+                       f"and zero padding), e.g. {grouped[0]!r}")
+    rest = [(n, m) for n, m in rest if n not in grouped]
+    for why, out in (
+            (f"outside include={cfg.include}: widen the patterns",
+             [n for n, _ in rest if cfg.include and not any(fnmatch.fnmatchcase(n, p) for p in cfg.include)]),
+            (f"matched by exclude={cfg.exclude}: narrow the patterns",
+             [n for n, _ in rest if any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)]),
+            ("rejected by filter_fn", [n for n, m in rest if cfg.filter_fn is not None and not cfg.filter_fn(m, n)])):
+        if out:
+            reasons.append(f"{len(out)} {why} (e.g. {out[0]!r})")
+    n_kse = sum(isinstance(m, KSEConv2d) for m in model.modules())
+    if n_kse:
+        reasons.append(f"{n_kse} already KSE layers (compress the dense model instead)")
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if n_linear:
+        reasons.append(f"{n_linear} nn.Linear layers, which KSE does not compress (it clusters convolution kernels; "
+                       "a vision transformer such as ViT or Swin has only its patch-embedding convolution)")
+    if not convs and not n_kse:
+        reasons.append("the model has no nn.Conv2d layer")
+    return (f"no eligible convolution to compress: the model has {len(convs)} plain nn.Conv2d layers; "
+            + "; ".join(reasons))
+
+
 def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Tensor] = None) -> List[LayerPlan]:
     """Indicator and centroid counts of every layer ``cfg`` selects; the model is not changed."""
     cfg = cfg if cfg is not None else KSEConfig()
@@ -129,11 +164,7 @@ def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Te
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = select_layers(model, cfg, example)
     if not names:
-        n_conv = sum(type(m) is nn.Conv2d for m in model.modules())
-        raise ValueError(
-            f"no eligible convolution to compress (the model has {n_conv} plain nn.Conv2d layers; "
-            "the first conv, grouped/depthwise convs, already compressed layers and layers outside "
-            "include/exclude/filter_fn are skipped); check the config's layer selection")
+        raise ValueError(_no_eligible_message(model, cfg, example))
 
     def score(name: str) -> LayerPlan:
         conv = model.get_submodule(name)
@@ -235,11 +266,12 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
             for name, module in final.items():
                 set_module(model, name, module)
             after = _outputs(model, example)
-            if not _close(before, after):
+            difference = output_difference(before, after)
+            if not difference <= 1e-4:
                 # NOTE: the graph analysis should make this impossible; if an operation was
                 # misread, keep the (correct) compression without the removal
-                warnings.warn(f"dead-channel removal changed the outputs (max difference "
-                              f"{(before - after).abs().max().item():.3g}); it was skipped", RuntimeWarning)
+                warnings.warn(f"dead-channel removal changed the outputs (largest relative difference "
+                              f"{difference:.3g}); it was skipped", RuntimeWarning)
                 for name in final:
                     set_module(model, name, new.get(name, originals[name]))
     except BaseException:
@@ -256,13 +288,29 @@ def _outputs(model: nn.Module, example: Tensor) -> Tensor:
         return model(example)
 
 
-def _close(a, b) -> bool:
-    if not (torch.is_tensor(a) and torch.is_tensor(b)):
-        return all(_close(x, y) for x, y in zip(a, b)) if isinstance(a, (tuple, list)) else False
-    if a.shape != b.shape:
-        return False
-    scale = a.abs().max().clamp_min(1e-12)
-    return bool(((a - b).abs().max() / scale) <= 1e-4)
+def output_difference(a, b) -> float:
+    """Largest relative difference ``max|a - b| / max|a|`` over the tensors of two model outputs
+    of any nesting (tensors, tuples, lists, dicts); ``inf`` where their structure, keys, shapes or
+    non-tensor values differ."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape:
+            return float("inf")
+        if a.numel() == 0:
+            return 0.0
+        a, b = a.detach().double(), b.detach().double()
+        return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or list(a) != list(b):
+            return float("inf")
+        return max((output_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return float("inf")
+        return max((output_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    try:
+        return 0.0 if type(a) is type(b) and bool(a == b) else float("inf")
+    except Exception:  # noqa: BLE001 - values without a plain equality (arrays ...) count as different
+        return float("inf")
 
 
 def compress(model: nn.Module, config: Optional[KSEConfig] = None, example_inputs: Optional[Tensor] = None,
