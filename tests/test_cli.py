@@ -17,7 +17,8 @@ import kse
 import kse.export
 from kse.cli import demo as cli_demo
 from kse.cli import main
-from clitools import ok, one_error_line, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread for the module
 
 TINY = ["--device", "cpu"]
 
@@ -29,7 +30,7 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def baseline(work):
+def baseline(work, ok):
     ok(["train", "--dataset", "fake", "--arch", "resnet20", "--input-size", 16, "--fake-size", 32, "--epochs", 1,
         "--max-steps", 2, "--batch-size", 8, "--no-channels-last", "--out", work / "base", *TINY])
     path = work / "base" / "model.kse"
@@ -38,7 +39,7 @@ def baseline(work):
 
 
 @pytest.fixture(scope="module")
-def compressed(work, baseline):
+def compressed(work, baseline, ok):
     path = work / "compressed.kse"
     out, err = ok(["compress", "--checkpoint", baseline, "--out", path, "--G", 4])
     assert path.is_file()
@@ -46,7 +47,7 @@ def compressed(work, baseline):
 
 
 @pytest.fixture(scope="module")
-def finetuned(work, compressed):
+def finetuned(work, compressed, ok):
     out_dir = work / "ft"
     ok(["finetune", "--checkpoint", compressed[0], "--out", out_dir, "--epochs", 1, "--max-steps", 2,
         "--batch-size", 8, "--fake-size", 32, *TINY])
@@ -94,14 +95,14 @@ def test_cli_package_uses_no_argparse_internals():
             assert private not in text, f"{path.name} uses argparse's {private}"
 
 
-def test_models_lists_registered_names():
+def test_models_lists_registered_names(ok):
     out, _ = ok(["models"])
     names = out.split()
     assert names == sorted(names)
     assert {"resnet20", "resnet56", "densenet40"} <= set(names)
 
 
-def test_analyze_table_json_and_plot(work, baseline):
+def test_analyze_table_json_and_plot(work, baseline, ok):
     out, _ = ok(["analyze", "--checkpoint", baseline])
     lines = out.splitlines()
     assert lines[1].split() == ["layer", "C_in", "N", "kept", "centroids", "ratio", "v_min", "v_mean", "v_max"]
@@ -124,7 +125,7 @@ def test_analyze_table_json_and_plot(work, baseline):
     assert json.loads((report_dir / "args.json").read_text())["G"] == 5
 
 
-def test_analyze_of_a_compressed_checkpoint_lists_its_layers(compressed):
+def test_analyze_of_a_compressed_checkpoint_lists_its_layers(compressed, ok):
     out, _ = ok(["analyze", "--checkpoint", compressed[0]])
     assert "KSE layers already in the model" in out and "form" in out
 
@@ -145,7 +146,7 @@ def test_compress_prints_plan_and_profiles(baseline, compressed):
     assert args["G"] == 4 and args["T"] == 0
 
 
-def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finetuned):
+def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finetuned, ok):
     before, after = kse.load(compressed[0]), kse.load(finetuned / "model.kse")
     assert after.kse_preprocess == before.kse_preprocess and after.kse_config == before.kse_config
     pairs = [(a, b) for a, b in zip(before.modules(), after.modules()) if isinstance(a, kse.KSEConv2d)]
@@ -162,7 +163,7 @@ def test_finetune_trains_centroids_keeps_structure_and_resumes(compressed, finet
     assert [r["epoch"] for r in rows] == [1, 2]  # epoch 1 came from last.ckpt
 
 
-def test_finetune_says_when_it_loads_the_training_extension(work, compressed, monkeypatch):
+def test_finetune_says_when_it_loads_the_training_extension(work, compressed, monkeypatch, ok):
     from kse import fused
 
     argv = ["finetune", "--checkpoint", compressed[0], "--epochs", 1, "--max-steps", 1, "--batch-size", 8,
@@ -180,7 +181,7 @@ def test_finetune_says_when_it_loads_the_training_extension(work, compressed, mo
     assert (work / "ft-ext3" / "model.kse").is_file()
 
 
-def test_eval_json(baseline, finetuned):
+def test_eval_json(baseline, finetuned, ok):
     results = {}
     for name, path in (("base", baseline), ("kse", finetuned / "model.kse")):
         out, _ = ok(["eval", "--checkpoint", path, "--json", "--repeats", 3, "--warmup", 1, "--max-batches", 1, *TINY])
@@ -195,13 +196,13 @@ def test_eval_json(baseline, finetuned):
     assert results["base"]["kse_layers"] == 0
 
 
-def test_eval_human_output(finetuned):
+def test_eval_human_output(finetuned, ok):
     out, _ = ok(["eval", "--checkpoint", finetuned, "--repeats", 2, "--warmup", 0, "--max-batches", 1])
     assert "top-1" in out and "ms/image" in out and "18 KSE layers" in out  # a folder means its model.kse
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
+def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
     ort = pytest.importorskip("onnxruntime")
     out_dir = work / "export"
     out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir])
@@ -231,7 +232,7 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned):
         torch.testing.assert_close(torch.jit.load(str(ts_file))(x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch):
+def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch, one_error_line):
     monkeypatch.setattr(kse.export, "max_rel_diff", lambda out, ref: 0.5)
     out_dir = work / "export-bad"
     line = one_error_line(["export", "--checkpoint", finetuned, "--out", out_dir, "--format", "torchscript",
@@ -241,7 +242,7 @@ def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monke
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".model")]  # no temporary file left
 
 
-def test_bench_json(finetuned):
+def test_bench_json(finetuned, ok):
     out, _ = ok(["bench", "--checkpoint", finetuned, "--batch-size", 1, 2, "--repeats", 2, "--warmup", 0, "--json"])
     data = json.loads(out)
     assert [r["batch_size"] for r in data["results"]] == [1, 2]
@@ -256,12 +257,12 @@ def test_bench_json(finetuned):
         assert sum(model["forms"].values()) == 18
 
 
-def test_bench_table(finetuned):
+def test_bench_table(finetuned, ok):
     out, _ = ok(["bench", "--checkpoint", finetuned, "--batch-size", 1, "--repeats", 1, "--warmup", 0])
     assert "conv/split" in out and "whole model: dense baseline" in out
 
 
-def test_demo_on_a_fake_checkpoint(work, baseline):
+def test_demo_on_a_fake_checkpoint(work, baseline, ok):
     out_dir = work / "demo"
     out, err = ok(["demo", "--checkpoint", baseline, "--out", out_dir, "--finetune-steps", 3, "--batch-size", 8,
                    "--fake-size", 32, "--repeats", 2, *TINY])
@@ -295,7 +296,7 @@ def test_demo_on_a_fake_checkpoint(work, baseline):
 
 
 # ----------------------------------------------------------------------------- errors
-def test_demo_without_a_baseline_says_how_to_make_one(tmp_path, monkeypatch):
+def test_demo_without_a_baseline_says_how_to_make_one(tmp_path, monkeypatch, one_error_line):
     monkeypatch.setattr(cli_demo, "checkpoint_candidates", lambda: [tmp_path / "checkpoints/resnet56-fmnist.kse"])
     line = one_error_line(["demo", "--out", tmp_path / "demo"])
     assert line.startswith(f"kse demo: error: no baseline checkpoint at {tmp_path / 'checkpoints/resnet56-fmnist.kse'}")
@@ -318,14 +319,14 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_missing_checkpoint(command, tmp_path):
+def test_missing_checkpoint(command, tmp_path, one_error_line):
     extra = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
     line = one_error_line([command, "--checkpoint", tmp_path / "nope.kse", *extra])
     assert line == f"kse {command}: error: --checkpoint: file not found: {tmp_path / 'nope.kse'}"
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_not_a_kse_file(command, tmp_path):
+def test_not_a_kse_file(command, tmp_path, one_error_line):
     bogus = tmp_path / "notes.kse"
     bogus.write_text("this is not a checkpoint\n")
     extra = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
@@ -333,13 +334,13 @@ def test_not_a_kse_file(command, tmp_path):
     assert line.startswith(f"kse {command}: error: --checkpoint: {bogus} is not a KSE checkpoint")
 
 
-def test_training_state_given_as_checkpoint(baseline):
+def test_training_state_given_as_checkpoint(baseline, one_error_line):
     line = one_error_line(["eval", "--checkpoint", baseline.parent / "last.ckpt"])
     assert "is a training state (last.ckpt), not a model; pass the model.kse written next to it" in line
 
 
 @pytest.mark.parametrize("command, extra", [("compress", ["--out", "c.kse"]), ("analyze", []), ("demo", [])])
-def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch):
+def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch, one_error_line):
     monkeypatch.chdir(tmp_path)
     line = one_error_line([command, "--checkpoint", baseline, "--G", 1, *extra])
     assert line == f"kse {command}: error: --G: G must be an integer >= 2, got 1"
@@ -353,11 +354,11 @@ def test_out_of_range_G(command, extra, baseline, tmp_path, monkeypatch):
      "kse compress: error: --channel-multiple: channel_multiple must be an integer >= 1, got 0"),
     (["--n-init", "0"], "kse compress: error: --n-init: n_init must be an integer >= 1, got 0"),
 ])
-def test_other_bad_kse_values(argv, match, baseline, tmp_path):
+def test_other_bad_kse_values(argv, match, baseline, tmp_path, one_error_line):
     assert one_error_line(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", *argv]) == match
 
 
-def test_compress_channel_multiple_sets_the_widths(baseline, tmp_path):
+def test_compress_channel_multiple_sets_the_widths(baseline, tmp_path, ok):
     out = tmp_path / "every-dead-channel.kse"
     ok(["compress", "--checkpoint", baseline, "--out", out, "--channel-multiple", 1])
     got = kse.load(out)
@@ -369,22 +370,22 @@ def test_compress_channel_multiple_sets_the_widths(baseline, tmp_path):
     assert sum(w[2] for w in widths) < sum(m.out_channels for m in default.modules() if hasattr(m, "out_channels"))
 
 
-def test_compress_refuses_to_overwrite_its_input(baseline):
+def test_compress_refuses_to_overwrite_its_input(baseline, one_error_line):
     line = one_error_line(["compress", "--checkpoint", baseline, "--out", baseline])
     assert line == "kse compress: error: --out must differ from --checkpoint (the baseline would be overwritten)"
 
 
-def test_compress_n_init_reaches_the_config(baseline, tmp_path):
+def test_compress_n_init_reaches_the_config(baseline, tmp_path, ok):
     ok(["compress", "--checkpoint", baseline, "--out", tmp_path / "c.kse", "--G", 4, "--n-init", 3])
     assert kse.load(tmp_path / "c.kse").kse_config["n_init"] == 3
 
 
-def test_compress_of_a_compressed_checkpoint(compressed, tmp_path):
+def test_compress_of_a_compressed_checkpoint(compressed, tmp_path, one_error_line):
     line = one_error_line(["compress", "--checkpoint", compressed[0], "--out", tmp_path / "again.kse"])
     assert "already KSE-compressed" in line
 
 
-def test_deploy_records_measured_forms_in_the_file(work, compressed, monkeypatch):
+def test_deploy_records_measured_forms_in_the_file(work, compressed, monkeypatch, ok, one_error_line):
     import kse
     import kse.deploy as deploy_mod
     from kse.conv import KSEConv2d
@@ -403,14 +404,14 @@ def test_deploy_records_measured_forms_in_the_file(work, compressed, monkeypatch
 
 
 @pytest.mark.parametrize("command", ["bench", "deploy"])
-def test_bench_and_deploy_need_kse_layers(baseline, work, command):
+def test_bench_and_deploy_need_kse_layers(baseline, work, command, one_error_line):
     out = ["--out", work / "never.kse"] if command == "deploy" else []
     line = one_error_line([command, "--checkpoint", baseline, *out])
     assert line.endswith("has no KSE layers; compress it first with `kse compress`")
     assert not (work / "never.kse").exists()
 
 
-def test_eval_with_a_dataset_that_does_not_fit_the_model(tmp_path):
+def test_eval_with_a_dataset_that_does_not_fit_the_model(tmp_path, one_error_line):
     from kse.models import get_model
 
     path = tmp_path / "five.kse"
@@ -428,7 +429,7 @@ def test_eval_with_a_dataset_that_does_not_fit_the_model(tmp_path):
     (["demo", "--finetune-steps", "-1"], "kse demo: error: --finetune-steps must be >= 0, got -1"),
     (["eval", "--dataset", "cifar11"], "kse eval: error: unknown dataset 'cifar11'; choose one of: "),
 ])
-def test_bad_flag_values(argv, match, finetuned):
+def test_bad_flag_values(argv, match, finetuned, one_error_line):
     assert one_error_line([*argv, "--checkpoint", finetuned]).startswith(match)
 
 
@@ -442,7 +443,7 @@ def test_report_formatting():
         "name    n", "----  ---", "a       1", "long  100"]
 
 
-def test_yaml_config_sets_compress_defaults(baseline, tmp_path):
+def test_yaml_config_sets_compress_defaults(baseline, tmp_path, ok):
     config = tmp_path / "recipe.yaml"
     config.write_text("G: 5\nexclude: ['layer3.*']\n")
     out, _ = ok(["compress", "--config", config, "--checkpoint", baseline, "--out", tmp_path / "c5.kse"])
@@ -462,7 +463,7 @@ def test_errors_as_a_process_have_no_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- prune-l1
-def test_prune_l1_matches_a_kse_model_and_finetunes(work, baseline, compressed):
+def test_prune_l1_matches_a_kse_model_and_finetunes(work, baseline, compressed, ok):
     out_file = work / "l1.kse"
     out, _ = ok(["prune-l1", "--checkpoint", baseline, "--out", out_file, "--match", compressed[0]])
     assert "L1 filter pruning, ratio" in out and out_file.is_file()
@@ -477,7 +478,7 @@ def test_prune_l1_matches_a_kse_model_and_finetunes(work, baseline, compressed):
     assert (work / "l1ft" / "model.kse").is_file()
 
 
-def test_prune_l1_errors(work, baseline, compressed):
+def test_prune_l1_errors(work, baseline, compressed, one_error_line):
     assert "give exactly one of --ratio" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out",
                                                             work / "x.kse"])
     assert "is KSE-compressed" in one_error_line(["prune-l1", "--checkpoint", compressed[0], "--out", work / "x.kse",
@@ -492,7 +493,7 @@ def test_prune_l1_errors(work, baseline, compressed):
 
 
 # ----------------------------------------------------------------------------- --out, resume, the unexpected
-def test_out_that_cannot_be_written_fails_before_any_work(baseline, tmp_path, monkeypatch):
+def test_out_that_cannot_be_written_fails_before_any_work(baseline, tmp_path, monkeypatch, one_error_line):
     compress_mod = importlib.import_module("kse.compress")  # the module (kse.compress is the function)
 
     monkeypatch.setattr(compress_mod, "plan", lambda *a, **k: pytest.fail("compression started"))
@@ -510,7 +511,7 @@ def test_out_that_cannot_be_written_fails_before_any_work(baseline, tmp_path, mo
     assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_resume_from_a_bad_last_checkpoint_is_one_error(compressed, finetuned, tmp_path):
+def test_resume_from_a_bad_last_checkpoint_is_one_error(compressed, finetuned, tmp_path, run, ok):
     argv = ["finetune", "--checkpoint", compressed[0], "--epochs", 2, "--max-steps", 1, "--batch-size", 8,
             "--fake-size", 32, "--resume", *TINY]
     def last_error_line(args):  # progress lines come first
@@ -533,7 +534,7 @@ def test_resume_from_a_bad_last_checkpoint_is_one_error(compressed, finetuned, t
     assert code == 0 and f"resume: no {fresh / 'last.ckpt'} yet; starting at epoch 0" in err
 
 
-def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(baseline, tmp_path, monkeypatch):
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(baseline, tmp_path, monkeypatch, run):
     compress_mod = importlib.import_module("kse.compress")  # the module (kse.compress is the function)
 
     def bug(*args, **kwargs):
@@ -551,7 +552,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(baselin
     assert not list(tmp_path.iterdir())
 
 
-def test_finetune_official_sgd(compressed, tmp_path, monkeypatch):
+def test_finetune_official_sgd(compressed, tmp_path, monkeypatch, ok):
     from kse import train
 
     built = []

@@ -16,7 +16,8 @@ import kse
 from kse import train as kse_train
 from kse.data import dataset_info
 from kse.models import get_model
-from clitools import one_error_line, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread for the module
 
 
 # ----------------------------------------------------------------------------- finetune --milestones
@@ -45,7 +46,7 @@ def finetune_argv(checkpoint, out, *extra):
             "--device", "cpu", *extra]
 
 
-def test_finetune_milestones_default_is_half_the_run(tiny_checkpoint, tmp_path, captured_fit):
+def test_finetune_milestones_default_is_half_the_run(tiny_checkpoint, tmp_path, captured_fit, run):
     code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "ft", "--epochs", 200))
     assert code == 0, err
     cfg = captured_fit["cfg"]
@@ -54,13 +55,13 @@ def test_finetune_milestones_default_is_half_the_run(tiny_checkpoint, tmp_path, 
     assert kse_train.lr_at(cfg, 100 * 10, 10) == pytest.approx(0.001)
 
 
-def test_finetune_milestones_flag(tiny_checkpoint, tmp_path, captured_fit):
+def test_finetune_milestones_flag(tiny_checkpoint, tmp_path, captured_fit, run):
     code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "ft", "--epochs", 4, "--milestones", 0.25, 0.75))
     assert code == 0, err
     assert captured_fit["cfg"].milestones == [0.25, 0.75]
 
 
-def test_imagenet_milestones_from_yaml_drop_exactly_at_epochs_7_and_14(tiny_checkpoint, tmp_path, captured_fit):
+def test_imagenet_milestones_from_yaml_drop_exactly_at_epochs_7_and_14(tiny_checkpoint, tmp_path, captured_fit, run):
     # the fractions the ImageNet recipes use: 7/21 and 14/21 rounded down, so the drop lands on the epoch boundary
     config = tmp_path / "finetune.yaml"
     config.write_text("epochs: 21\nlr: 0.001\nmilestones: [0.3333333333, 0.6666666666]\n")
@@ -74,7 +75,7 @@ def test_imagenet_milestones_from_yaml_drop_exactly_at_epochs_7_and_14(tiny_chec
     assert lrs[14] == pytest.approx([1e-4, 1e-5])
 
 
-def test_finetune_milestones_scalar_in_yaml(tiny_checkpoint, tmp_path, captured_fit):
+def test_finetune_milestones_scalar_in_yaml(tiny_checkpoint, tmp_path, captured_fit, run):
     config = tmp_path / "finetune.yaml"
     config.write_text("milestones: 0.5\n")
     code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "ft", "--config", config, "--epochs", 2))
@@ -83,7 +84,7 @@ def test_finetune_milestones_scalar_in_yaml(tiny_checkpoint, tmp_path, captured_
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.2"])
-def test_finetune_milestones_out_of_range(tiny_checkpoint, tmp_path, value):
+def test_finetune_milestones_out_of_range(tiny_checkpoint, tmp_path, value, one_error_line):
     line = one_error_line(finetune_argv(tiny_checkpoint, tmp_path / "ft", "--epochs", 2, "--milestones", value))
     assert "milestones must be fractions of epochs in (0, 1]" in line
     assert not (tmp_path / "ft").exists()
@@ -105,7 +106,7 @@ def fake_torchvision_weights(monkeypatch):
     return state, calls
 
 
-def test_train_weights_epochs_0_saves_the_pretrained_model(tmp_path, fake_torchvision_weights):
+def test_train_weights_epochs_0_saves_the_pretrained_model(tmp_path, fake_torchvision_weights, run):
     state, calls = fake_torchvision_weights
     out = tmp_path / "base"
     code, stdout, err = run(["train", "--arch", "resnet18", "--weights", "DEFAULT", "--epochs", 0, "--dataset", "fake",
@@ -124,7 +125,7 @@ def test_train_weights_epochs_0_saves_the_pretrained_model(tmp_path, fake_torchv
     assert model.kse_preprocess["input_size"] == [3, 32, 32]
 
 
-def test_train_from_pretrained_weights(tmp_path, fake_torchvision_weights):
+def test_train_from_pretrained_weights(tmp_path, fake_torchvision_weights, run):
     state, calls = fake_torchvision_weights
     out = tmp_path / "tuned"
     code, _, err = run(["train", "--arch", "resnet18", "--weights", "ResNet18_Weights.IMAGENET1K_V1", "--epochs", 1,
@@ -138,7 +139,7 @@ def test_train_from_pretrained_weights(tmp_path, fake_torchvision_weights):
     assert 0 < moved < 0.1  # one small step away from the pretrained weights
 
 
-def test_train_weights_none_is_random_initialisation(tmp_path, fake_torchvision_weights):
+def test_train_weights_none_is_random_initialisation(tmp_path, fake_torchvision_weights, run):
     _, calls = fake_torchvision_weights
     code, _, err = run(["train", "--arch", "resnet18", "--weights", "none", "--epochs", 1, "--max-steps", 1,
                         "--dataset", "fake", "--input-size", 16, "--fake-size", 8, "--batch-size", 4,
@@ -154,13 +155,13 @@ def test_train_weights_none_is_random_initialisation(tmp_path, fake_torchvision_
                                                         "IMAGENET1K_V1, DEFAULT"),
     (["--arch", "resnet18"], "epochs must be an integer >= 1, got 0; --epochs 0 is only for saving --weights"),
 ])
-def test_train_weights_errors(argv, match, tmp_path, fake_torchvision_weights):
+def test_train_weights_errors(argv, match, tmp_path, fake_torchvision_weights, one_error_line):
     line = one_error_line(["train", *argv, "--epochs", 0, "--dataset", "fake", "--out", tmp_path / "x"])
     assert match in line
     assert fake_torchvision_weights[1] == [] and not (tmp_path / "x").exists()
 
 
-def test_train_weights_offline_is_one_line(tmp_path, monkeypatch):
+def test_train_weights_offline_is_one_line(tmp_path, monkeypatch, one_error_line):
     def offline(self, *args, **kwargs):
         raise urllib.error.URLError("no network")
 

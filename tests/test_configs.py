@@ -23,7 +23,8 @@ from torchvision.models._api import WeightsEnum
 import kse
 from kse.cli import build_parser
 from kse.train import TrainConfig, lr_at
-from clitools import ok, one_thread, run  # noqa: F401 (one_thread is an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread for the module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("train", "compress", "finetune")
@@ -185,7 +186,7 @@ def _kse_names(model: nn.Module):
 @pytest.mark.parametrize("recipe", [
     pytest.param(r, marks=pytest.mark.slow) if r == "imagenet-resnet50-g5t1" else r  # compress: ~30 s on one thread
     for r in RECIPES])
-def test_recipe_runs_on_fakedata(recipe, tmp_path, offline_torchvision_weights):
+def test_recipe_runs_on_fakedata(recipe, tmp_path, offline_torchvision_weights, ok):
     paper = PAPER[recipe]
     config = {s: CONFIGS / recipe / f"{s}.yaml" for s in STAGES}
     imagenet = paper["dataset"] == "imagenet"

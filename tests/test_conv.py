@@ -24,21 +24,7 @@ def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, s
     return conv, KSEConv2d.from_conv(conv, counts), counts
 
 
-def reference_forward(layer, x):
-    """Slow reference: loop over outputs and kept channels, conv with each kernel's centroid."""
-    cols = []
-    for n in range(layer.out_channels):
-        acc = 0
-        for j, c in enumerate(layer.kept_channels.tolist()):
-            kernel = layer.centroids[layer.assignment[j, n]]
-            acc = acc + F.conv2d(x[:, c:c + 1], kernel[None, None], None, layer.stride, layer.padding, layer.dilation)
-        if layer.bias is not None:
-            acc = acc + layer.bias[n]
-        cols.append(acc if torch.is_tensor(acc) else None)
-    return torch.cat(cols, 1)
-
-
-def test_training_form_matches_loop_reference_and_to_conv():
+def test_training_form_matches_loop_reference_and_to_conv(reference_forward):
     conv, layer, counts = make_layer()
     x = torch.randn(2, 6, 9, 9)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
@@ -227,7 +213,7 @@ def test_gather_elements_gradient_and_zero_row():
 
 
 @pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])
-def test_training_weight_in_the_input_memory_format(counts):
+def test_training_weight_in_the_input_memory_format(counts, reference_forward):
     _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer = layer.double().train()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -243,7 +229,7 @@ def test_training_weight_in_the_input_memory_format(counts):
 
 
 @pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])  # the zero-kernel and the gather path
-def test_training_weight_follows_a_new_assignment(counts):
+def test_training_weight_follows_a_new_assignment(counts, reference_forward):
     _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer.train()
     x = torch.randn(2, 4, 5, 5)

@@ -6,11 +6,10 @@ import torch
 import kse
 from kse.models import get_model
 
-from nets import assert_same_function, tiny_kse
 
 
 @pytest.mark.parametrize("form", ["dense", "full", "split", "auto"])
-def test_deploy_whole_model_matches_training_form(form):
+def test_deploy_whole_model_matches_training_form(form, assert_same_function):
     net = get_model("resnet20").eval()
     kse.compress_(net, kse.KSEConfig(G=5, input_size=(3, 32, 32)))
     x = torch.randn(3, 3, 32, 32)
@@ -52,7 +51,7 @@ def test_failed_auto_deploy_restores_forms(monkeypatch):
     assert net.training and all(m.form == "train" for m in net.modules() if isinstance(m, kse.KSEConv2d))
 
 
-def test_auto_deploy_over_several_batch_sizes(monkeypatch):
+def test_auto_deploy_over_several_batch_sizes(monkeypatch, tiny_kse):
     import kse.deploy as deploy_mod
 
     net = tiny_kse()
@@ -75,7 +74,7 @@ def test_auto_deploy_over_several_batch_sizes(monkeypatch):
             kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=bad)
 
 
-def test_auto_deploy_measures_in_the_models_memory_format(monkeypatch):
+def test_auto_deploy_measures_in_the_models_memory_format(monkeypatch, assert_same_function):
     import kse.deploy as deploy_mod
 
     net = get_model("resnet20").eval()
@@ -100,7 +99,7 @@ def test_auto_deploy_measures_in_the_models_memory_format(monkeypatch):
         assert_same_function(net(x.contiguous(memory_format=torch.channels_last)), net(x))
 
 
-def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch):
+def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch, tiny_kse, assert_same_function):
     from kse.conv import KSEConv2d
 
     net = tiny_kse()

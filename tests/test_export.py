@@ -11,12 +11,10 @@ import torch.nn as nn
 import kse
 import kse.export as kx
 
-from nets import tiny_kse
-
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 
 
-def _deployed(form: str = "split") -> nn.Module:
+def _deployed(tiny_kse, form: str = "split") -> nn.Module:
     net = tiny_kse()
     kse.deploy_(net, form=form)
     return net
@@ -35,10 +33,10 @@ def test_max_rel_diff_is_relative_to_the_largest_output():
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_model_writes_files_that_match_eager(tmp_path, fmt):
+def test_export_model_writes_files_that_match_eager(tmp_path, fmt, tiny_kse):
     if fmt == "onnx":
         ort = pytest.importorskip("onnxruntime")
-    net = _deployed("split")
+    net = _deployed(tiny_kse, "split")
     layers = sum(isinstance(m, kse.KSEConv2d) for m in net.modules())
     written = []
     manifest = kx.export_model(net, tmp_path, [fmt], input_size=(1, 16, 16), header={"checkpoint": "x.kse"},
@@ -66,8 +64,8 @@ def test_export_model_writes_files_that_match_eager(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fold", [True, False])
-def test_export_model_folds_batchnorm_unless_told_not_to(tmp_path, fold):
-    manifest = kx.export_model(_deployed(), tmp_path, ["torchscript"], input_size=(1, 16, 16), fold=fold)
+def test_export_model_folds_batchnorm_unless_told_not_to(tmp_path, fold, tiny_kse):
+    manifest = kx.export_model(_deployed(tiny_kse), tmp_path, ["torchscript"], input_size=(1, 16, 16), fold=fold)
     assert manifest["batchnorm_folded"] is fold
     kinds = {m.original_name for m in torch.jit.load(str(tmp_path / "model.ts.pt")).modules()}
     assert ("BatchNorm2d" in kinds) is not fold
@@ -93,9 +91,9 @@ def test_export_model_notes_a_model_it_cannot_fold(tmp_path):
     assert manifest["batchnorm_folded"] is False and manifest["exports"]["torchscript"]["max_rel_diff"] <= 1e-4
 
 
-def test_mismatch_raises_and_leaves_no_file(tmp_path, monkeypatch):
+def test_mismatch_raises_and_leaves_no_file(tmp_path, monkeypatch, tiny_kse):
     monkeypatch.setattr(kx, "max_rel_diff", lambda out, ref: 0.5)
-    net = _deployed()
+    net = _deployed(tiny_kse)
     x = _batch(3)
     with torch.no_grad():
         ref = net(x)
@@ -131,8 +129,8 @@ def test_forms_for_format(forms, fmt, form, expected):
     assert kx.forms_for_format(forms, fmt, form) == expected
 
 
-def test_bad_arguments(tmp_path):
-    net = _deployed()
+def test_bad_arguments(tmp_path, tiny_kse):
+    net = _deployed(tiny_kse)
     with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of: onnx, torchscript"):
         kx.export_model(net, tmp_path, ["tflite"], input_size=(1, 16, 16))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):

@@ -11,7 +11,7 @@ import kse
 from kse.filter_prune import l1_filter_norms, l1_prune_, prune_to_macs, select_prunable
 from kse.models import get_model
 
-from clitools import one_thread  # noqa: F401 (autouse: one torch thread for the module)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread for the module
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -12,7 +12,6 @@ from kse.conv import KSEConv2d
 from kse.fold import bn_affine, fold_batchnorm
 from kse.models import get_model
 
-from nets import assert_same_function, tiny_kse
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -34,7 +33,7 @@ def _forms():
 
 
 @pytest.mark.parametrize("form", _forms())
-def test_folded_model_computes_the_same_function(form):
+def test_folded_model_computes_the_same_function(form, tiny_kse, assert_same_function):
     model = _randomize_bn(tiny_kse())
     kse.deploy_(model, form=form)
     folded = fold_batchnorm(model)
@@ -50,7 +49,7 @@ def test_folded_model_computes_the_same_function(form):
             assert_same_function(folded(x), model(x))
 
 
-def test_dense_conv_and_bn_fold_into_one_conv():
+def test_dense_conv_and_bn_fold_into_one_conv(assert_same_function):
     model = _randomize_bn(get_model("resnet20", num_classes=10, in_channels=1)).eval()
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -59,7 +58,7 @@ def test_dense_conv_and_bn_fold_into_one_conv():
         assert_same_function(folded(x), model(x))
 
 
-def test_epilogue_math_against_the_modules():
+def test_epilogue_math_against_the_modules(assert_same_function):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     bn = _randomize_bn(nn.Sequential(nn.BatchNorm2d(6)))[0].eval()
@@ -78,7 +77,7 @@ def test_epilogue_math_against_the_modules():
         layer.set_epilogue(torch.ones(5), torch.zeros(6))
 
 
-def test_folded_model_cannot_be_saved(tmp_path):
+def test_folded_model_cannot_be_saved(tmp_path, tiny_kse):
     model = tiny_kse()
     next(m for m in model.modules() if isinstance(m, KSEConv2d)).set_epilogue(torch.ones(16), torch.zeros(16))
     with pytest.raises(ValueError, match="before kse.fold_batchnorm"):
@@ -101,7 +100,7 @@ def test_untraceable_model_is_one_clear_error():
         fold_batchnorm(Branchy())
 
 
-def test_bn_read_twice_is_not_folded():
+def test_bn_read_twice_is_not_folded(assert_same_function):
     class TwoReaders(_ConvBN):
         def forward(self, x):
             y = self.conv(x)
@@ -115,7 +114,7 @@ def test_bn_read_twice_is_not_folded():
         assert_same_function(folded(x), model(x))
 
 
-def test_module_called_twice_is_not_folded():
+def test_module_called_twice_is_not_folded(assert_same_function):
     class Shared(_ConvBN):
         def __init__(self):
             super().__init__()

@@ -15,12 +15,8 @@ import kse.conv
 from kse import fused
 from kse.conv import KSEConv2d
 
-from clitools import one_thread  # noqa: F401 (autouse: one torch thread for the module)
-from nets import assert_same_function, tiny_kse
-
-pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fused kernel not built: {fused.build_error()}")
-
-
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # one torch thread for the module
+              pytest.mark.skipif(not fused.available(), reason=f"fused kernel not built: {fused.build_error()}")]
 
 
 @pytest.mark.parametrize("C,N,k,p,H,W,B,bias", [
@@ -93,7 +89,7 @@ def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():
         torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
+def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path, tiny_kse):
     net = tiny_kse()
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
@@ -118,9 +114,7 @@ def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path):
         torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_kse_bench_fused_column(tmp_path):
-    from clitools import ok
-
+def test_kse_bench_fused_column(tmp_path, ok, tiny_kse):
     net = tiny_kse()
     kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 16, 16]})
     out, _ = ok(["bench", "--checkpoint", tmp_path / "net.kse", "--batch-size", 2, "--repeats", 1, "--warmup", 0,
@@ -132,7 +126,7 @@ def test_kse_bench_fused_column(tmp_path):
                                             not r["name"].startswith("layer1")) for r in rows)
 
 
-def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeypatch):
+def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeypatch, tiny_kse, assert_same_function):
     net = tiny_kse()
     x = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
@@ -151,7 +145,7 @@ def test_form_per_batch_with_the_kernel_and_without_it_on_load(tmp_path, monkeyp
         assert_same_function(loaded(x), ref)
 
 
-def test_fused_on_several_threads_equals_one_thread():
+def test_fused_on_several_threads_equals_one_thread(assert_same_function):
     torch.manual_seed(3)
     conv = nn.Conv2d(24, 40, 3, 1, 1)
     counts = torch.randint(0, 41, (24,))
@@ -195,7 +189,7 @@ def test_training_weight_on_several_threads_equals_one_thread(channels_last, mon
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
-def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path):
+def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path, tiny_kse):
     import subprocess
     import sys
 
@@ -250,7 +244,7 @@ def test_operator_checks_its_indices():
 
 
 @pytest.mark.parametrize("N", [16, 300])
-def test_chunks_cover_the_channels_within_the_row_limit(N):
+def test_chunks_cover_the_channels_within_the_row_limit(N, assert_same_function):
     torch.manual_seed(N)
     counts = torch.randint(1, N + 1, (40,))
     layer = KSEConv2d.from_conv(nn.Conv2d(40, N, 3, padding=1), counts)
@@ -270,7 +264,7 @@ def test_chunks_cover_the_channels_within_the_row_limit(N):
         assert_same_function(layer(x), ref)
 
 
-def test_tap_mask_cache_is_bounded_and_rebuilt():
+def test_tap_mask_cache_is_bounded_and_rebuilt(assert_same_function):
     """7x7 kernels on maps of about 400x400 need about 31 MiB of tap masks each: the third shape
     empties the cache (64 MiB at most), and the first shape's masks are built again."""
     torch.manual_seed(5)
@@ -395,7 +389,7 @@ def test_expand_weight_float32_with_shared_rows_equals_a_loop(taps, channels_las
     torch.testing.assert_close(grad.double(), want_g, rtol=1e-5, atol=1e-5)
 
 
-def test_training_steps_with_the_extension_equal_stock_operations(monkeypatch):
+def test_training_steps_with_the_extension_equal_stock_operations(monkeypatch, tiny_kse):
     torch.manual_seed(0)
     model = tiny_kse()
     models = {flag: copy.deepcopy(model).to(memory_format=torch.channels_last).train() for flag in (True, False)}
@@ -451,7 +445,7 @@ def test_func_transforms_forward_ad_and_batched_gradients_equal_stock_operations
 
 
 @pytest.mark.parametrize("form", ["fused", "dense", "full", "split"])
-def test_eval_mode_gradients_equal_the_training_form(form):
+def test_eval_mode_gradients_equal_the_training_form(form, tiny_kse, assert_same_function):
     # an eval-mode call that needs gradients (a saliency map, an adversarial input, fine-tuning
     # with BatchNorm frozen) runs differentiably: the kernel has no backward, and the cached
     # weights of the other forms are constants
@@ -495,7 +489,7 @@ def test_export_records_the_deployed_form():
     assert graph.count("aten.conv2d") == 1 and "pad" not in graph and "index_select" not in graph
 
 
-def test_tracing_an_eval_model_records_the_deployed_form():
+def test_tracing_an_eval_model_records_the_deployed_form(tiny_kse, assert_same_function):
     net = tiny_kse()
     kse.deploy_(net, form="fused")
     x = torch.randn(2, 1, 16, 16)
@@ -506,7 +500,7 @@ def test_tracing_an_eval_model_records_the_deployed_form():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_fused", "adam_fused", "sgd_foreach"])
-def test_deployed_forms_follow_optimizer_steps(optimizer):
+def test_deployed_forms_follow_optimizer_steps(optimizer, tiny_kse, assert_same_function):
     # fused optimizers update parameters without bumping their version counters: the forms
     # cached for inference must be rebuilt after a training step all the same
     net = tiny_kse()
@@ -550,7 +544,7 @@ def test_deployed_forms_follow_optimizer_steps(optimizer):
     assert_same_function(after, want)
 
 
-def test_changing_the_dtype_of_a_fused_model_falls_back_to_a_stock_form():
+def test_changing_the_dtype_of_a_fused_model_falls_back_to_a_stock_form(tiny_kse, assert_same_function):
     net = tiny_kse()
     kse.deploy_(net, form="fused")
     x = torch.randn(2, 1, 16, 16)
@@ -565,7 +559,7 @@ def test_changing_the_dtype_of_a_fused_model_falls_back_to_a_stock_form():
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_string_paddings_run_in_the_kernel(padding):
+def test_string_paddings_run_in_the_kernel(padding, assert_same_function):
     torch.manual_seed(0)
     layer = KSEConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=padding), torch.tensor([0, 3, 8, 2, 5, 1])).eval()
     assert fused.supports(layer)

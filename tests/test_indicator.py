@@ -11,23 +11,6 @@ import kse
 from kse.indicator import minmax_normalize, official_layout_entropy
 
 
-def slow_entropy(weight, k=5):
-    """Reference: a plain loop over channels and kernels."""
-    N, C = weight.shape[:2]
-    out = []
-    for c in range(C):
-        kernels = [weight[n, c].flatten().double() for n in range(N)]
-        kk = min(k, N - 1)
-        dm = []
-        for n in range(N):
-            d = sorted(float(torch.linalg.norm(kernels[n] - kernels[j])) for j in range(N) if j != n)
-            dm.append(sum(d[:kk]))
-        total = sum(dm)
-        p = [x / total for x in dm] if total > 0 else [1 / N] * N
-        out.append(-sum(pi * math.log2(pi) for pi in p if pi > 0))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def test_sparsity_known_answer():
     w = torch.zeros(2, 3, 1, 2)
     w[0, 0] = torch.tensor([[1.0, -2.0]])
@@ -47,12 +30,12 @@ def test_entropy_known_answer():
 
 @pytest.mark.parametrize("shape,k", [((7, 4, 3, 3), 5), ((5, 3, 1, 1), 5), ((3, 2, 2, 3), 1), ((16, 6, 3, 3), 3),
                                      ((40, 5, 1, 1), 5), ((9, 3, 1, 1), 2), ((6, 2, 1, 1), 5), ((2, 3, 1, 1), 1)])
-def test_entropy_matches_slow_loop(shape, k):
+def test_entropy_matches_slow_loop(shape, k, slow_entropy):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(kse.kernel_entropy(w, k).double(), slow_entropy(w, k), rtol=1e-5, atol=1e-6)
 
 
-def test_entropy_1x1_with_ties_matches_slow_loop():
+def test_entropy_1x1_with_ties_matches_slow_loop(slow_entropy):
     # scalar kernels with repeated values and clusters: the sorted-neighbour path must pick the
     # same distances as a full search
     g = torch.Generator().manual_seed(2)
@@ -102,7 +85,7 @@ def test_indicator_known_answer():
     torch.testing.assert_close(kse.kse_indicator(w, alpha=0.0), torch.tensor([1.0, 0.5, 0.0]))
 
 
-def test_indicator_formula_with_entropy():
+def test_indicator_formula_with_entropy(slow_entropy):
     w = torch.randn(10, 5, 3, 3, generator=torch.Generator().manual_seed(3))
     s = minmax_normalize(kse.kernel_sparsity(w).double())
     e = minmax_normalize(slow_entropy(w))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import kse
 from kse.recalibrate import batchnorm_layers
 
-from nets import tiny_kse
 
 
 class SmallNet(nn.Module):
@@ -131,7 +130,7 @@ def test_modes_momentum_and_parameters_are_restored(training):
         assert v.grad is None
 
 
-def test_compressed_model_is_recalibrated_deterministically():
+def test_compressed_model_is_recalibrated_deterministically(tiny_kse):
     x = torch.randn(6, 8, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     a = tiny_kse()
     b = copy.deepcopy(a)
