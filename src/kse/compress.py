@@ -200,6 +200,34 @@ def _log(verbose: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def build_layers(model: nn.Module, plans: List[LayerPlan], config: Optional[KSEConfig] = None,
+                 verbose: bool = False) -> Dict[str, KSEConv2d]:
+    """The :class:`~kse.conv.KSEConv2d` that replaces each planned layer (k-means of its kernels
+    with ``plan.counts`` centroids per input channel); the model is not changed.
+
+    ``plans`` are what :func:`plan` returns, or plans with other counts (to cluster the layers
+    with centroid counts chosen another way). Layer i of ``plans`` draws its k-means++ numbers
+    from a generator seeded with ``(config.seed, i)``: a layer's clusters depend neither on the
+    other layers nor on how the work is batched and shared out (see ``cluster_many``).
+    """
+    cfg = config if config is not None else KSEConfig()
+    convs = [model.get_submodule(p.name) for p in plans]
+    for p, conv in zip(plans, convs):
+        try:
+            KSEConv2d._check_conv(conv)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {p.name!r}: {exc}") from None
+    jobs = [(conv.weight, p.counts, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
+            for i, (p, conv) in enumerate(zip(plans, convs))]
+    clusters = cluster_many(jobs, cfg.kmeans_iters, cfg.n_init, map_fn=_map_layers)
+    new: Dict[str, KSEConv2d] = {}
+    for i, (p, conv, found) in enumerate(zip(plans, convs, clusters)):
+        new[p.name] = KSEConv2d.from_clusters(conv, p.counts, *found).train(conv.training)
+        _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
+                      f"{p.centroids} centroids")
+    return new
+
+
 def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inputs: Optional[Tensor] = None,
               verbose: bool = False) -> List[LayerPlan]:
     """Compress ``model`` in place with KSE; returns the per-layer plans.
@@ -221,23 +249,7 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     plans = plan(model, cfg, example)
     _log(verbose, f"kse: scored {len(plans)} layers in {time.time() - t0:.1f}s")
 
-    # build every replacement before touching the model; one generator per layer, seeded by
-    # (seed, layer index): a layer's clusters depend neither on the other layers nor on how the
-    # work is batched and shared out (see cluster_many)
-    new: Dict[str, nn.Module] = {}
-    convs = [model.get_submodule(p.name) for p in plans]
-    for p, conv in zip(plans, convs):
-        try:
-            KSEConv2d._check_conv(conv)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"layer {p.name!r}: {exc}") from None
-    jobs = [(conv.weight, p.counts, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
-            for i, (p, conv) in enumerate(zip(plans, convs))]
-    clusters = cluster_many(jobs, cfg.kmeans_iters, cfg.n_init, map_fn=_map_layers)
-    for i, (p, conv, found) in enumerate(zip(plans, convs, clusters)):
-        new[p.name] = KSEConv2d.from_clusters(conv, p.counts, *found).train(conv.training)
-        _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
-                      f"{p.centroids} centroids")
+    new = build_layers(model, plans, cfg, verbose)
     final = dict(new)
     if cfg.remove_dead_channels:
         removal = find_dead_channels(model, {p.name: p.counts for p in plans}, example, cfg.channel_multiple)
