@@ -1,0 +1,372 @@
+"""Pictures and the written report of :func:`kse.explain.explain`.
+
+* ``feature_maps.png``: one layer's input feature maps for a few test images, ordered by the
+  KSE indicator (Li et al., CVPR 2019, Eq. 7), each labelled with its indicator, centroid
+  count (Eq. 8) and exact ablation importance;
+* ``scatter.png``: indicator (top) and Taylor estimate (bottom) against ablation importance,
+  one panel per stage;
+* ``agreement.png``: Spearman's rho of every score with the ablation importance, with 95%
+  bootstrap intervals;
+* ``kernels_<stage>.png``: per layer, the 2D kernels that read the highest-, a middle- and
+  the lowest-scoring input channel, and below each the centroids KSE replaces them with;
+* ``report.md`` and ``explain.json``.
+
+Example::
+
+    >>> from kse.explain_plots import write_report
+    >>> files = write_report(result, "runs/explain")   # result = kse.explain.explain(...)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path, write_text
+from .explain import AGREEMENT_SCORES, SCORE_TITLES, Explanation, LayerExplanation, spearman
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, dpi: int = 80) -> Path:
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _stage(name: str) -> str:
+    return name.split(".")[0] if "." in name else "model"
+
+
+def _stages(layers: Sequence[LayerExplanation]) -> Dict[str, List[LayerExplanation]]:
+    out: Dict[str, List[LayerExplanation]] = {}
+    for layer in layers:
+        out.setdefault(_stage(layer.name), []).append(layer)
+    return out
+
+
+def _count_label(q: int, n: int) -> str:
+    if q == 0:
+        return "dropped"
+    if q == n:
+        return "kept"
+    return f"q={q}"
+
+
+# ----------------------------------------------------------------------------- (a) feature maps
+def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels: int = 32) -> Path:
+    """Input maps of ``result.feature_maps["layer"]`` for a few images, highest indicator first
+    (at most ``max_channels``: the highest and the lowest halves)."""
+    plt = _plt()
+    fm = result.feature_maps
+    layer = result.layer(fm["layer"])
+    maps = fm["maps"].float()  # [I, C, H, W]
+    v = layer.scores["kse"]
+    order = torch.argsort(v, descending=True, stable=True).tolist()
+    if len(order) > max_channels:
+        order = order[:max_channels // 2] + [None] + order[-(max_channels // 2):]
+    n_img, n_col = maps.shape[0], len(order)
+    vmax = float(torch.quantile(maps.flatten(), 0.995)) if maps.numel() else 1.0
+    vmin = min(0.0, float(maps.min()))
+    fig, axes = plt.subplots(n_img, n_col, figsize=(0.8 * n_col + 0.4, 0.85 * n_img + 1.0), squeeze=False)
+    for j, c in enumerate(order):
+        for i in range(n_img):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c is None:
+                ax.set_axis_off()
+                if i == 0:
+                    ax.set_title("...", fontsize=9)
+                continue
+            ax.imshow(maps[i, c].numpy(), cmap="magma", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
+            if j == 0 or order[j - 1] is None:
+                ax.set_ylabel(f"image {i}\nclass {fm['labels'][i]}", fontsize=6)
+            if i == 0:
+                q = int(layer.scores["counts"][c])
+                color = "tab:red" if q == 0 else "black"
+                ax.set_title(f"#{c} v={float(v[c]):.2f}\n{_count_label(q, layer.out_channels)}\n"
+                             f"dL={float(layer.scores['loss_increase'][c]):+.3f}", fontsize=5.5, color=color)
+    fig.suptitle(f"{layer.name}: input feature maps, highest KSE indicator v first (red: KSE G={result.settings['G']} "
+                 f"drops it; dL: loss increase when the map is zeroed, {result.settings['images']} images)", fontsize=8)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.02, top=0.80, wspace=0.08, hspace=0.08)
+    return _save(fig, Path(path), dpi=90)
+
+
+# ----------------------------------------------------------------------------- (b) scatter
+def plot_scatter(result: Explanation, path: Union[str, Path]) -> Path:
+    """Indicator and Taylor estimate against ablation importance, one column per stage."""
+    plt = _plt()
+    stages = _stages(result.layers)
+    fig, axes = plt.subplots(2, len(stages), figsize=(4.2 * len(stages), 7.0), squeeze=False)
+    colors = {"dropped": "tab:red", "clustered": "tab:orange", "kept": "tab:blue"}
+    for j, (stage, layers) in enumerate(stages.items()):
+        y = torch.cat([l.scores["loss_increase"] for l in layers]).numpy()
+        for i, score in enumerate(("kse", "taylor")):
+            ax = axes[i][j]
+            x = torch.cat([l.scores[score] for l in layers]).numpy()
+            q = torch.cat([l.scores["counts"] for l in layers]).numpy()
+            n = np.concatenate([np.full(l.in_channels, l.out_channels) for l in layers])
+            kind = np.where(q == 0, "dropped", np.where(q == n, "kept", "clustered"))
+            for k, col in colors.items():
+                sel = kind == k
+                if sel.any():
+                    ax.scatter(x[sel], y[sel], s=6, alpha=0.6, color=col, label=f"KSE: {k}", lw=0)
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0, color="gray", lw=0.5)
+            ax.set_xlabel(SCORE_TITLES[score] + (" (per layer, in [0, 1])" if score == "kse" else ""), fontsize=8)
+            if j == 0:
+                ax.set_ylabel("ablation: loss increase (symlog)", fontsize=8)
+            per = [result.agreement[score]["per_layer"][l.name]["rho"] for l in layers]
+            per = [r for r in per if r is not None]
+            mean = f"{np.mean(per):+.2f}" if per else "n/a"
+            ax.set_title(f"{stage}: {len(layers)} layers, {len(x)} channels\nrho pooled {spearman(x, y):+.2f}, "
+                         f"mean within layer {mean}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, markerscale=2)
+    fig.suptitle("Does the score rank the channels the network uses?\n(each point: one input feature map of one layer)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path), dpi=80)
+
+
+# ----------------------------------------------------------------------------- agreement bars
+def plot_agreement(result: Explanation, path: Union[str, Path]) -> Path:
+    """Spearman's rho with the ablation importance, per score: mean within layer and pooled."""
+    plt = _plt()
+    scores = [s for s in AGREEMENT_SCORES if s in result.agreement]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(scores) + 1.2))
+    for k, (key, label, off, col) in enumerate((("mean_within_layer", "mean within layer", -0.18, "tab:blue"),
+                                                 ("pooled", "pooled over layers", 0.18, "tab:gray"))):
+        for i, s in enumerate(scores):
+            a = result.agreement[s][key]
+            if a["rho"] is None:
+                continue
+            lo, hi = a["ci95"]
+            err = [[a["rho"] - lo], [hi - a["rho"]]] if lo is not None else None
+            ax.barh(i + off, a["rho"], height=0.34, color=col, xerr=err, capsize=2, label=label if i == 0 else None)
+    ax.set_yticks(range(len(scores)))
+    ax.set_yticklabels([SCORE_TITLES[s] for s in scores], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Spearman rho with the ablation importance (95% bootstrap interval)", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, Path(path), dpi=90)
+
+
+# ----------------------------------------------------------------------------- (c) kernels
+def _strip(kernels: torch.Tensor, order: Sequence[int], scale: float) -> np.ndarray:
+    """``kernels: [N, kh, kw]`` side by side in ``order``, one NaN column between them."""
+    kh, kw = kernels.shape[1:]
+    out = np.full((kh, len(order) * (kw + 1) - 1), np.nan)
+    for j, n in enumerate(order):
+        out[:, j * (kw + 1): j * (kw + 1) + kw] = kernels[n].numpy() / scale
+    return out
+
+
+def plot_kernels(result: Explanation, path: Union[str, Path], layers: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Per layer: the kernels ``W[:, c]`` of the highest-, a middle- and the lowest-indicator
+    input channel, each above the centroids KSE gives them (kernels of one cluster side by side)."""
+    plt = _plt()
+    names = list(layers) if layers is not None else [l.name for l in result.layers]
+    names = [n for n in names if n in result.clustered and n in result.weights]
+    if not names:
+        return None
+    blocks, labels = [], []
+    width = 0
+    for name in names:
+        layer = result.layer(name)
+        w = result.weights[name].double()
+        wc = result.clustered[name].double()
+        N, C, kh, kw = w.shape
+        scale = float(w.abs().max()) or 1.0
+        v = layer.scores["kse"]
+        q = layer.scores["counts"].long()
+        order = torch.argsort(v, descending=True, stable=True).tolist()
+        middle = [c for c in order if 0 < q[c] < N]
+        picks = [("highest", order[0]), ("middle", middle[len(middle) // 2] if middle else order[len(order) // 2]),
+                 ("lowest", order[-1])]
+        for tag, c in picks:
+            clustered = wc[:, c].reshape(N, -1)
+            _, inverse = torch.unique(clustered, dim=0, return_inverse=True)
+            kernel_order = sorted(range(N), key=lambda n: (int(inverse[n]), n))
+            top = _strip(w[:, c], kernel_order, scale)
+            bottom = _strip(wc[:, c], kernel_order, scale) if q[c] > 0 else np.full_like(top, np.nan)
+            blocks.append(np.vstack([top, np.full((1, top.shape[1]), np.nan), bottom]))
+            labels.append(f"{name} #{c} ({tag}) v={float(v[c]):.2f} {_count_label(int(q[c]), N)}")
+            width = max(width, top.shape[1])
+    gap = 2
+    rows = sum(b.shape[0] + gap for b in blocks)
+    canvas = np.full((rows, width), np.nan)
+    y, ys = 0, []
+    for b in blocks:
+        canvas[y:y + b.shape[0], :b.shape[1]] = b
+        ys.append(y)
+        y += b.shape[0] + gap
+    img_w = min(11.0, 0.035 * width)  # inches for the kernels; labels take 3 more on the left
+    img_h = img_w * rows / width
+    fig = plt.figure(figsize=(img_w + 3.2, img_h + 0.5))
+    ax = fig.add_axes((3.1 / (img_w + 3.2), 0.1 / (img_h + 0.5), img_w / (img_w + 3.2), img_h / (img_h + 0.5)))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+    ax.imshow(canvas, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
+    for y0, text, b in zip(ys, labels, blocks):
+        ax.text(-2, y0 + b.shape[0] / 2, text, ha="right", va="center", fontsize=6)
+    ax.set_axis_off()
+    fig.suptitle("kernels W[:, c] (upper row) and their KSE centroids (lower row; empty: channel dropped);\n"
+                 "kernels of one cluster side by side, colour scaled per layer (blue < 0 < red)", fontsize=7,
+                 y=1 - 0.02 / (img_h + 0.5))
+    return _save(fig, Path(path), dpi=110)
+
+
+# ----------------------------------------------------------------------------- report
+def _rho(a: Dict[str, Any]) -> str:
+    if a["rho"] is None:
+        return "n/a"
+    lo, hi = a["ci95"]
+    return f"{a['rho']:+.2f} [{lo:+.2f}, {hi:+.2f}]" if lo is not None else f"{a['rho']:+.2f}"
+
+
+def summary(result: Explanation) -> List[str]:
+    """Two or three sentences that state the findings, numbers included."""
+    ag, s = result.agreement, result.settings
+    kse, tay = ag["kse"]["mean_within_layer"], ag["taylor"]["mean_within_layer"]
+    rnd = ag["random"]["mean_within_layer"]
+    lines = [f"On {s['images']} test images, the data-free KSE indicator ranks the input feature maps of a layer "
+             f"with a mean Spearman rho of {_rho(kse)} against their exact ablation importance "
+             f"(pooled over all {ag['kse']['pooled']['channels']} channels: {_rho(ag['kse']['pooled'])}); "
+             f"the data-driven Taylor estimate reaches {_rho(tay)} and a random score {_rho(rnd)}."]
+    if result.drop:
+        rows, base = result.drop["rows"], result.drop["baseline_top1"]
+
+        def top(k: str) -> str:
+            r = rows.get(k)
+            if r is None:
+                return "n/a"
+            return f"{r['top1']:.2f}%" + (f" ({r['top1_recalibrated']:.2f}% after BatchNorm recalibration)"
+                                          if "top1_recalibrated" in r else "")
+        lines.append(f"Dropping per layer as many input channels as KSE G={s['G']} drops (and clustering the rest "
+                     f"as KSE does) leaves, before fine-tuning, top-1 {top('kse')} when KSE chooses them, "
+                     f"{top('ablation')} when the ablation oracle does, {top('random')} at random "
+                     f"(intact model {base:.2f}%).")
+    return lines
+
+
+def write_report(result: Explanation, out: Union[str, Path], command: Optional[str] = None,
+                 extra: Optional[Dict[str, Any]] = None) -> List[Path]:
+    """``report.md``, ``explain.json`` and the pictures in folder ``out``; returns the files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [plot_feature_maps(result, out / "feature_maps.png"), plot_scatter(result, out / "scatter.png"),
+             plot_agreement(result, out / "agreement.png")]
+    stage_files = []
+    for stage, layers in _stages(result.layers).items():
+        p = plot_kernels(result, out / f"kernels_{stage}.png", [l.name for l in layers])
+        if p is not None:
+            stage_files.append(p)
+    files += stage_files
+    data = result.to_dict()
+    if extra:
+        data["run"] = extra
+    with atomic_path(out / "explain.json") as tmp:
+        tmp.write_text(json.dumps(data) + "\n")
+    files.append(out / "explain.json")
+    write_text(out / "report.md", _markdown(result, command, extra, [f.name for f in stage_files]))
+    files.append(out / "report.md")
+    return files
+
+
+def _markdown(result: Explanation, command: Optional[str], extra: Optional[Dict[str, Any]],
+              kernel_pngs: Sequence[str]) -> str:
+    s, ag = result.settings, result.agreement
+    lines = ["# What the KSE indicator says about the feature maps, tested on data", ""]
+    lines += summary(result) + [""]
+    if command:
+        lines += ["Made with", "", "```bash", command, "```", ""]
+    run = extra or {}
+    facts = [f"{len(result.layers)} layers, {sum(l.in_channels for l in result.layers)} input channels, "
+             f"{s['images']} images (intact model on them: loss {s['base_loss']:.4f}, top-1 {s['base_top1']:.2f}%)",
+             f"KSE G={s['G']}, T={s['T']}, alpha={s['alpha']}, k={s['k']}; bootstrap: {s['bootstrap_resamples']} "
+             f"resamples of the channels, seed {s['seed']}"]
+    facts += [f"{k}: {v}" for k, v in run.items()]
+    facts.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()))
+    lines += [f"- {f}" for f in facts] + [""]
+
+    lines += ["## Agreement with the exact ablation importance", "",
+              "Spearman's rho between each score and the loss increase when the feature map is zeroed "
+              "(95% bootstrap interval). *Mean within layer*: the average of the per-layer rho (what matters "
+              "for KSE, which ranks channels inside each layer); *pooled*: all channels of all layers as one sample.",
+              "The last column ranks against the *size* of the loss change either way (|loss increase|): "
+              "zeroing some maps lowers the loss on these images, and a magnitude score (Taylor, activation) "
+              "cannot tell the two directions apart.",
+              "", "| score | mean within layer | pooled | layers | mean within layer, vs abs(loss change) |",
+              "|---|---|---|---|---|"]
+    mag = result.agreement_magnitude or {}
+    for score in AGREEMENT_SCORES:
+        if score in ag:
+            a = ag[score]
+            m = _rho(mag[score]["mean_within_layer"]) if score in mag else "-"
+            lines.append(f"| {SCORE_TITLES[score]} | {_rho(a['mean_within_layer'])} | {_rho(a['pooled'])} | "
+                         f"{a['mean_within_layer']['layers']} | {m} |")
+    lines += ["", "![agreement](agreement.png)", ""]
+
+    if result.drop:
+        d = result.drop
+        lines += ["## Does it pick the right channels?", "",
+                  f"For each score, every layer drops as many input channels as KSE G={s['G']} drops, the "
+                  f"weakest by that score, and hands the other channels KSE's centroid counts in the score's "
+                  f"order; then the kernels are clustered as KSE does. Top-1 on the evaluation images "
+                  f"({run.get('eval_images', 'the evaluation loader')}), before fine-tuning, and after "
+                  f"re-estimating the BatchNorm statistics ({d['recal_batches']} batches of unlabeled training "
+                  f"images). Intact model: {d['baseline_top1']:.2f}%.", "",
+                  "| channels chosen by | dropped | layers with KSE's choice | top-1 | top-1, BatchNorm recalibrated |",
+                  "|---|---|---|---|---|"]
+        for score, r in d["rows"].items():
+            rec = f"{r['top1_recalibrated']:.2f}%" if "top1_recalibrated" in r else "-"
+            lines.append(f"| {SCORE_TITLES[score]} | {r['dropped']} | {r['same_as_kse']}/{len(result.layers)} | "
+                         f"{r['top1']:.2f}% | {rec} |")
+        if "producer_l1" in d["rows"]:
+            n_none = sum(1 for l in result.layers if l.producer is None)
+            lines += ["", f"Producing-filter L1 is defined where one convolution produces the map; the {n_none} "
+                          "layers whose input is a sum (the first convolution of a residual block) keep KSE's "
+                          "choice in that row."]
+        lines.append("")
+
+    lines += ["## Pictures", "", "![feature maps](feature_maps.png)", "", "![scatter](scatter.png)", ""]
+    lines += [f"![kernels]({name})" for name in kernel_pngs] + [""]
+
+    lines += ["## Per layer", "", "| layer | C_in | dropped by KSE | rho KSE | rho sparsity | rho entropy | "
+              "rho producer L1 | rho Taylor | largest loss increase |", "|---|---|---|---|---|---|---|---|---|"]
+    for l in result.layers:
+        def r(score: str) -> str:
+            v = ag[score]["per_layer"][l.name]["rho"]
+            return "n/a" if v is None else f"{v:+.2f}"
+        lines.append(f"| {l.name} | {l.in_channels} | {int((l.scores['counts'] == 0).sum())} | {r('kse')} | "
+                     f"{r('sparsity')} | {r('entropy')} | {r('producer_l1')} | {r('taylor')} | "
+                     f"{float(l.scores['loss_increase'].max()):+.4f} |")
+    lines += ["", "## Definitions", "",
+              "- ablation importance: mean cross-entropy on the images with input feature map c of the layer set "
+              "to zero (as that layer reads it; a residual shortcut keeps it, as KSE's pruning does), minus the "
+              "intact model's; exact, the rest of the network run once per channel;",
+              "- Taylor: mean over images of |sum over the map of activation x gradient of the image's loss|;",
+              "- activation: mean |activation| of the map; producing-filter L1: sum |W| of the filter of the "
+              "convolution that produces the map (L1 filter pruning's score); sparsity s and entropy e: KSE "
+              "Eqs. 4-6; KSE indicator v: Eq. 7 (a higher entropy lowers it, so *entropy alone* ranks by -e); "
+              "random: uniform numbers (seeded).", ""]
+    return "\n".join(lines)
