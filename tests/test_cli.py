@@ -55,8 +55,8 @@ def finetuned(work, compressed, ok):
 
 
 # ----------------------------------------------------------------------------- commands
-@pytest.mark.parametrize("command", ["models", "analyze", "compress", "finetune", "eval", "export", "bench", "deploy",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["models", "analyze", "compress", "explain", "finetune", "eval", "export", "bench",
+                                     "deploy", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -64,8 +64,8 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: kse {command}" in capsys.readouterr().out
 
 
-ALL_COMMANDS = ["train", "models", "analyze", "compress", "prune-l1", "finetune", "eval", "bench", "deploy", "export",
-                "demo"]
+ALL_COMMANDS = ["train", "models", "analyze", "compress", "prune-l1", "explain", "finetune", "eval", "bench", "deploy",
+                "export", "demo"]
 
 
 def test_parser_registers_every_command_and_the_docstring_lists_them():
@@ -314,7 +314,7 @@ def test_demo_default_candidates_are_the_repository_and_the_current_folder(tmp_p
 
 COMMANDS = {
     "analyze": [], "compress": ["--out", "{tmp}/c.kse"], "finetune": ["--out", "{tmp}/ft"], "eval": [],
-    "export": ["--out", "{tmp}/ex"], "bench": [], "demo": ["--out", "{tmp}/demo"],
+    "export": ["--out", "{tmp}/ex"], "bench": [], "demo": ["--out", "{tmp}/demo"], "explain": ["--out", "{tmp}/ex"],
 }
 
 

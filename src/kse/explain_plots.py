@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 

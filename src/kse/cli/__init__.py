@@ -5,6 +5,7 @@
     kse analyze   per-layer KSE plan of a checkpoint (indicator, channels kept, centroids)
     kse compress  KSE-compress a checkpoint
     kse prune-l1  L1-norm filter pruning (Li et al. 2017), the baseline KSE is compared to
+    kse explain   what the KSE indicator says about each feature map, tested on real images
     kse finetune  fine-tune the centroids of a compressed checkpoint
     kse eval      accuracy, size, MACs and CPU latency of a checkpoint
     kse bench     CPU latency of each KSE layer and of the whole model
@@ -27,7 +28,7 @@ Layout: :mod:`kse.cli.common` holds the parser class, the shared flags, ``--conf
 resolution, the error handling and the helpers commands share (loading checkpoints and data,
 ``--out`` checks); each command group is one module with a ``register(subparsers)`` function
 (``train``, ``models``, ``compress``: analyze / compress / prune-l1, ``finetune``,
-``evaluate``: eval / bench, ``deploy``: deploy / export, ``demo``). A new command is a module
+``explain``, ``evaluate``: eval / bench, ``deploy``: deploy / export, ``demo``). A new command is a module
 whose ``register`` calls :func:`kse.cli.common.add_command`, and one entry in ``COMMANDS``.
 The modules parse arguments, call the library and print; training, distributed and export
 logic live in :mod:`kse.train`, :mod:`kse.distributed` and :mod:`kse.export`.
@@ -38,13 +39,13 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from . import compress, demo, deploy, evaluate, finetune, models, train
+from . import compress, demo, deploy, evaluate, explain, finetune, models, train
 from .common import CLIError, CommandParser, run_command
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 
 #: command modules, in the order ``kse --help`` lists their commands
-COMMANDS = (train, models, compress, finetune, evaluate, deploy, demo)
+COMMANDS = (train, models, compress, explain, finetune, evaluate, deploy, demo)
 
 
 def build_parser() -> CommandParser:
