@@ -3,11 +3,15 @@
 For every model: test top-1 (the last epoch of its fine-tuning, full 10k test set), params,
 MACs (paper accounting for KSE layers), compressed file size, and CPU latency at batch 1 and
 64 (KSE layers in the form measured fastest over batch 1 and 64; all models timed in interleaved rounds so that
-machine noise hits them alike). Prints JSON, and writes results.json, results.md and the
-accuracy-vs-MACs plot into OUT.
+machine noise hits them alike); for the main models also the top-1 without fine-tuning, right
+after compression and with recalibrated BatchNorm statistics (the script's `kse eval --json`
+files). Prints JSON, and writes results.json, results.md and the accuracy-vs-MACs plot into OUT.
 
     python experiments/collect.py --base checkpoints/resnet56-fmnist.kse --base-metrics \\
         checkpoints/resnet56-fmnist/stage2-metrics.jsonl --out runs/exp
+
+With ``--recalibrated-only`` (after ``RECALIBRATED_ONLY=1 bash experiments/fmnist_resnet56.sh``)
+only the models without fine-tuning are tabulated, into OUT/recalibrated.json and .md.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ SWEEP_L1 = [("L1 @ G=3", "short-l1-g3"), ("L1 @ G=4", "short-l1-g4"), ("L1 @ G=5
             ("L1 @ G=6", "short-l1-g6")]
 ABLATION = [("KSE (alpha=1)", "short-g4"), ("sparsity alone", "short-g4-sparsity"),
             ("entropy alone", "short-g4-entropy"), ("KSE, official entropy layout", "short-g4-official")]
+# no fine-tuning: (label as in MAIN, model right after compression, the same recalibrated)
+NO_FINETUNING = [("KSE G=4", "g4", "rc-g4"), ("KSE G=5", "g5", "rc-g5"),
+                 ("L1 filter pruning (MACs of KSE G=4)", "l1-g4", "rc-l1-g4")]
 
 
 def last_metrics(path: Path) -> dict:
@@ -46,6 +53,30 @@ def describe(model_path: Path, metrics_path: Path) -> dict:
     m = last_metrics(metrics_path)
     return {"file": str(model_path), "top1": m["test_top1"], "params": prof.params, "macs": prof.macs,
             "file_bytes": model_path.stat().st_size, "input_size": list(size)}
+
+
+def without_finetuning(out: Path) -> list:
+    """Top-1 of the main models right after compression and after BatchNorm recalibration, from
+    the ``kse eval --json`` files the script writes; rows whose files are missing are left out."""
+    rows = []
+    for label, plain, recalibrated in NO_FINETUNING:
+        files = [out / f"{name}.eval.json" for name in (plain, recalibrated)]
+        if not all(f.is_file() for f in files):
+            continue
+        before, after = (json.loads(f.read_text()) for f in files)
+        model = kse.load(out / f"{recalibrated}.kse")
+        rows.append({"label": label, "top1_compressed": before["top1"], "top1_recalibrated": after["top1"],
+                     "test_images": after["count"], "params": after["params"], "macs": after["macs"],
+                     "recalibration": model.kse_extra.get("recalibrated"),
+                     "files": {"compressed": str(out / f"{plain}.kse"), "recalibrated": str(out / f"{recalibrated}.kse")}})
+    return rows
+
+
+def no_finetuning_table(rows: list, base: dict) -> str:
+    return markdown_table(
+        ["model (no fine-tuning)", "MACs", "top-1 right after compression (%)", "top-1 recalibrated (%)"],
+        [[r["label"], f"{r['macs'] / 1e6:.2f}M ({base['macs'] / r['macs']:.2f}x)", f"{r['top1_compressed']:.2f}",
+          f"{r['top1_recalibrated']:.2f}"] for r in rows])
 
 
 def latencies(paths: dict, batch_sizes=(1, 64), rounds: int = 5, repeats: int = 10) -> dict:
@@ -93,14 +124,33 @@ def plot(rows_kse, rows_l1, base, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True)
-    ap.add_argument("--base-metrics", type=Path, required=True)
+    ap.add_argument("--base-metrics", type=Path, default=None,
+                    help="the baseline's metrics.jsonl (required unless --recalibrated-only)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--recalibrated-only", action="store_true",
+                    help="tabulate only the models without fine-tuning (OUT/recalibrated.json and .md)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out
+    if args.recalibrated_only:
+        model = kse.load(args.base)
+        prof = kse.profile(model, tuple(model.kse_preprocess["input_size"]))
+        base = {"file": str(args.base), "params": prof.params, "macs": prof.macs}
+        rows = without_finetuning(out)
+        if not rows:
+            raise SystemExit(f"no *.eval.json pairs in {out}; run RECALIBRATED_ONLY=1 bash experiments/fmnist_resnet56.sh")
+        result = {"baseline": base, "no_finetuning": rows}
+        (out / "recalibrated.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "recalibrated.md").write_text(no_finetuning_table(rows, base) + "\n")
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        print(no_finetuning_table(rows, base))
+        return 0
+    if args.base_metrics is None:
+        raise SystemExit("--base-metrics is required (or --recalibrated-only)")
     base = describe(args.base, args.base_metrics)
 
     def run(folder: str) -> dict:
@@ -115,8 +165,12 @@ def main(argv=None) -> int:
     sweep_kse = [{"label": label, **run(f)} for label, f in SWEEP_KSE if (out / f / "model.kse").is_file()]
     sweep_l1 = [{"label": label, **run(f)} for label, f in SWEEP_L1 if (out / f / "model.kse").is_file()]
     ablation = [{"label": label, **run(f)} for label, f in ABLATION if (out / f / "model.kse").is_file()]
+    no_ft = without_finetuning(out)
+    recalibrated = {r["label"]: r["top1_recalibrated"] for r in no_ft}
+    for r in main_rows:
+        r["top1_recalibrated_no_finetuning"] = recalibrated.get(r["label"])
     result = {"threads": torch.get_num_threads(), "baseline": base, "main": main_rows, "sweep_kse": sweep_kse,
-              "sweep_l1": sweep_l1, "ablation": ablation}
+              "sweep_l1": sweep_l1, "ablation": ablation, "no_finetuning": no_ft}
     (out / "results.json").write_text(json.dumps(result, indent=2))
 
     def lat_cells(r):
@@ -127,13 +181,18 @@ def main(argv=None) -> int:
             cells = [f"{c} ({base[k] / r[k]:.2f}x)" for c, k in zip(cells, ("b1_ms", "b64_ms"))]
         return cells
 
-    rows = [["baseline", f"{base['top1']:.2f}", f"{base['params'] / 1e3:.1f}K", f"{base['macs'] / 1e6:.2f}M",
+    rows = [["baseline", f"{base['top1']:.2f}", "", f"{base['params'] / 1e3:.1f}K", f"{base['macs'] / 1e6:.2f}M",
              f"{base['file_bytes'] / 2**20:.2f} MiB", *lat_cells(base)]]
     for r in main_rows:
-        rows.append([r["label"], f"{r['top1']:.2f}", f"{r['params'] / 1e3:.1f}K ({base['params'] / r['params']:.2f}x)",
+        rc = r["top1_recalibrated_no_finetuning"]
+        rows.append([r["label"], f"{r['top1']:.2f}", "" if rc is None else f"{rc:.2f}",
+                     f"{r['params'] / 1e3:.1f}K ({base['params'] / r['params']:.2f}x)",
                      f"{r['macs'] / 1e6:.2f}M ({base['macs'] / r['macs']:.2f}x)", f"{r['file_bytes'] / 2**20:.2f} MiB",
                      *lat_cells(r)])
-    md = [markdown_table(["model", "top-1 (%)", "params", "MACs", "file", "latency b1", "latency b64"], rows)]
+    md = [markdown_table(["model", "top-1 (%)", "recalibrated, no fine-tuning (%)", "params", "MACs", "file",
+                          "latency b1", "latency b64"], rows)]
+    if no_ft:
+        md.append(no_finetuning_table(no_ft, base))
     short = [["KSE " + r["label"], f"{r['macs'] / 1e6:.2f}M", f"{r['top1']:.2f}"] for r in sweep_kse]
     short += [[r["label"], f"{r['macs'] / 1e6:.2f}M", f"{r['top1']:.2f}"] for r in sweep_l1]
     if short:

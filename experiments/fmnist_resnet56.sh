@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST experiment of the README: KSE G=4 / G=5 against L1 filter pruning at
-# KSE G=4's MACs, all fine-tuned with the same budget; a G=3..6 sweep with L1 peers at
-# matching MACs; the ablation (sparsity alone, entropy alone, official entropy layout).
+# KSE G=4's MACs, all fine-tuned with the same budget; the same three with their BatchNorm
+# statistics recalibrated and no fine-tuning; a G=3..6 sweep with L1 peers at matching MACs;
+# the ablation (sparsity alone, entropy alone, official entropy layout).
 # Every step is skipped when its output exists, so an interrupted run continues where it
 # stopped. Then experiments/collect.py measures and tabulates everything.
 #
 #   BASE=checkpoints/resnet56-fmnist.kse OUT=runs/exp EPOCHS=4 SWEEP_STEPS=200 bash experiments/fmnist_resnet56.sh
+#
+# RECALIBRATED_ONLY=1 stops after the "recalibrated, no fine-tuning" models and their
+# evaluations (minutes, no training); RECAL sets their number of training batches (100).
 set -euo pipefail
 BASE=${BASE:-checkpoints/resnet56-fmnist.kse}
 OUT=${OUT:-runs/exp}
@@ -13,6 +17,7 @@ EPOCHS=${EPOCHS:-4}            # main runs: epochs of fine-tuning (the paper's r
 SWEEP_STEPS=${SWEEP_STEPS:-200} # sweep and ablation: steps of fine-tuning (one epoch, capped)
 KSE=${KSE:-kse}
 FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0)
+RECAL=${RECAL:-100}            # recalibrated models: training batches of 128 images (no labels, no gradients)
 mkdir -p "$OUT"
 
 compress() {  # name, flags...
@@ -29,6 +34,20 @@ finetune() {  # folder, start, flags...
   [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
   $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
 }
+
+evaluate() {  # name: test-set accuracy of $OUT/name.kse as JSON
+  [ -f "$OUT/$1.eval.json" ] || $KSE eval --checkpoint "$OUT/$1.kse" --json --repeats 1 --warmup 0 > "$OUT/$1.eval.json"
+}
+
+# the main models, then the same with recalibrated BatchNorm statistics, no fine-tuning
+for G in 4 5; do compress "g$G" --G "$G"; done
+l1 "l1-g4" "g4"
+compress "rc-g4" --G 4 --recalibrate "$RECAL"
+compress "rc-g5" --G 5 --recalibrate "$RECAL"
+[ -f "$OUT/rc-l1-g4.kse" ] || $KSE prune-l1 --checkpoint "$BASE" --out "$OUT/rc-l1-g4.kse" --match "$OUT/g4.kse" \
+  --recalibrate "$RECAL" > "$OUT/rc-l1-g4.prune.txt"
+for run in g4 g5 l1-g4 rc-g4 rc-g5 rc-l1-g4; do evaluate "$run"; done
+if [ "${RECALIBRATED_ONLY:-0}" = 1 ]; then echo "done (recalibrated, no fine-tuning): $OUT"; exit 0; fi
 
 for G in 3 4 5 6; do compress "g$G" --G "$G"; l1 "l1-g$G" "g$G"; done
 compress "g4-sparsity" --G 4 --score sparsity

@@ -265,15 +265,25 @@ def test_bench_table(finetuned, ok):
 def test_demo_on_a_fake_checkpoint(work, baseline, ok):
     out_dir = work / "demo"
     out, err = ok(["demo", "--checkpoint", baseline, "--out", out_dir, "--finetune-steps", 3, "--batch-size", 8,
-                   "--fake-size", 32, "--repeats", 2, *TINY])
-    assert all(f"[{i}/7]" in err for i in range(1, 8))  # progress on stderr
-    assert "top-1 (%)" in out and "CPU latency, batch 64 (ms)" in out
+                   "--fake-size", 32, "--repeats", 2, "--recalibrate", 2, *TINY])
+    assert all(f"[{i}/8]" in err for i in range(1, 9))  # progress on stderr
+    assert "CPU latency, batch 64 (ms)" in out
     report = json.loads((out_dir / "report.json").read_text())
     assert report["dataset"] == "fake"  # the dataset recorded in the checkpoint
     base, comp = report["baseline"], report["compressed"]
     assert comp["macs"] < base["macs"] and comp["params"] < base["params"]
     assert comp["file_bytes"] < base["file_bytes"]
-    assert 0 <= comp["top1"] <= 100 and 0 <= comp["top1_before_finetune"] <= 100
+    # top-1 right after compression, after recalibration, after fine-tuning: one row each, in that order
+    rows = [line.split() for line in out.splitlines() if line.startswith("top-1 (%)")]
+    labels = [" ".join(r[2:-4]) for r in rows]
+    assert labels == ["right after compression", "BatchNorm recalibrated (2 batches)", "fine-tuned (3 steps)"]
+    keys = ["top1_after_compression", "top1_after_recalibration", "top1"]
+    for r, key in zip(rows, keys):
+        assert float(r[-4]) == pytest.approx(base["top1"], abs=0.006)
+        assert float(r[-3]) == pytest.approx(comp[key], abs=0.006) and 0 <= comp[key] <= 100
+        assert float(r[-2]) == pytest.approx(comp[key] - base["top1"], abs=0.011)
+    assert comp["recalibration"] == {"batches": 2, "batch_size": 8, "dataset": "fake", "split": "train",
+                                     "augmentation": False, "order_seed": 0, "batchnorm_layers": 19}
     assert set(comp["latency_ms"]) == {"1", "64"} and all(v > 0 for v in comp["latency_ms"].values())
     # and both models with BatchNorm folded, as exported
     assert "CPU latency, batch 1, BatchNorm folded (ms)" in out
@@ -288,7 +298,9 @@ def test_demo_on_a_fake_checkpoint(work, baseline, ok):
     assert all(sum(f.values()) == 18 and set(f) <= {"dense", "full", "split", "fused"}
                for f in comp["forms_by_batch"].values())
     assert report["finetune"]["steps"] == 3
-    assert "| top-1 (%) |" in (out_dir / "report.md").read_text()
+    report_md = (out_dir / "report.md").read_text()
+    assert "| top-1 (%), BatchNorm recalibrated (2 batches) |" in report_md
+    assert "BatchNorm statistics recalibrated on 2 training batches of 8 images" in report_md
     assert (out_dir / "layers.png").read_bytes()[:4] == b"\x89PNG"
     model = kse.load(out_dir / "model.kse")
     assert sum(isinstance(m, kse.KSEConv2d) for m in model.modules()) == 18

@@ -146,7 +146,7 @@ def _find_idx(dirs: List[Path], stem: str) -> Optional[Path]:
     return None
 
 
-def _idx_dataset(name: str, data_dir: Optional[str], train: bool) -> Dataset:
+def _idx_dataset(name: str, data_dir: Optional[str], train: bool, augment: bool) -> Dataset:
     info = _INFO[name]
     dirs = [Path(p) for p in (data_dir, os.environ.get("KSE_DATA")) if p]
     dirs += [Path(p) / name for p in (data_dir, os.environ.get("KSE_DATA")) if p]
@@ -163,7 +163,7 @@ def _idx_dataset(name: str, data_dir: Optional[str], train: bool) -> Dataset:
             cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
             ds = cls(root, train=train, download=True)
             images, labels = ds.data.unsqueeze(1), ds.targets
-            return TensorImageDataset(images, labels, info, train)
+            return TensorImageDataset(images, labels, info, augment)
         except Exception as exc:  # noqa: BLE001 - reported as one clear line below
             looked = ", ".join(str(d) for d in dirs) or "(no directory given)"
             hint = ("apt-get install dataset-fashion-mnist, or " if name == "fashion-mnist" else "")
@@ -176,7 +176,7 @@ def _idx_dataset(name: str, data_dir: Optional[str], train: bool) -> Dataset:
     labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
     if len(images) != len(labels):
         raise DatasetError(f"{img} has {len(images)} images but {lab} has {len(labels)} labels")
-    return TensorImageDataset(images, labels, info, train)
+    return TensorImageDataset(images, labels, info, augment)
 
 
 def _transforms(info: DatasetInfo, train: bool):
@@ -194,14 +194,19 @@ def _transforms(info: DatasetInfo, train: bool):
 
 
 def get_dataset(name: str, data_dir: Optional[str] = None, train: bool = True,
-                fake_size: int = 256, input_size: Optional[int] = None) -> Tuple[Dataset, DatasetInfo]:
-    """Return ``(dataset, info)`` for ``name``; a missing dataset raises :class:`DatasetError`."""
+                fake_size: int = 256, input_size: Optional[int] = None,
+                augment: Optional[bool] = None) -> Tuple[Dataset, DatasetInfo]:
+    """Return ``(dataset, info)`` for ``name``; a missing dataset raises :class:`DatasetError`.
+
+    ``train`` picks the split; ``augment`` (default: the same as ``train``) its training
+    augmentation, off for the training images that BatchNorm recalibration reads."""
     info = dataset_info(name)
+    augment = train if augment is None else augment
     if data_dir and name != "fake" and not Path(data_dir).is_dir():  # not silently another copy found elsewhere
         raise DatasetError(f"--data-dir {data_dir} is not a folder; give the folder holding {name}, or leave "
                            "--data-dir out to use the default locations")
     if name in ("fashion-mnist", "mnist"):
-        return _idx_dataset(name, data_dir, train), info
+        return _idx_dataset(name, data_dir, train, augment), info
     import torchvision.datasets as D
 
     root = data_dir or os.environ.get("KSE_DATA") or os.path.expanduser("~/.cache/kse")
@@ -209,17 +214,17 @@ def get_dataset(name: str, data_dir: Optional[str] = None, train: bool = True,
         size = input_size or info.input_size
         info = DatasetInfo("fake", info.num_classes, 3, size, info.mean, info.std)
         ds = D.FakeData(fake_size if train else max(fake_size // 4, 8), (3, size, size), info.num_classes,
-                        transform=_transforms(info, train), random_offset=0 if train else 10_000)
+                        transform=_transforms(info, augment), random_offset=0 if train else 10_000)
         return ds, info
     try:
         if name in ("cifar10", "cifar100"):
             cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
-            ds = cls(root, train=train, transform=_transforms(info, train), download=False)
+            ds = cls(root, train=train, transform=_transforms(info, augment), download=False)
         elif name == "svhn":
-            ds = D.SVHN(root, split="train" if train else "test", transform=_transforms(info, train), download=False)
+            ds = D.SVHN(root, split="train" if train else "test", transform=_transforms(info, augment), download=False)
         else:
             sub = Path(root) / ("train" if train else "val")
-            ds = D.ImageFolder(str(sub), transform=_transforms(info, train))
+            ds = D.ImageFolder(str(sub), transform=_transforms(info, augment))
             if name == "imagefolder":
                 info = DatasetInfo("imagefolder", len(ds.classes), 3, info.input_size, info.mean, info.std, "rrc")
     except (RuntimeError, FileNotFoundError, OSError) as exc:

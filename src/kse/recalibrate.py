@@ -27,7 +27,7 @@ other module is in eval mode (Dropout off, KSE layers in their inference form).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -108,3 +108,20 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 100) -> N
                     m.num_batches_tracked.copy_(count)
         for m, training in modes.items():  # each module is set last by its own call (pre-order)
             m.train(training)
+
+
+def calibration_loader(dataset: str, data_dir: Optional[str] = None, batch_size: int = 128, seed: int = 0,
+                       fake_size: int = 256, input_size: Optional[int] = None):
+    """A ``DataLoader`` over the training split of ``dataset`` for :func:`recalibrate_bn_`: no
+    augmentation (the statistics should be those of the images the model will see), in one
+    fixed random order (a generator seeded with ``seed``), so that every model recalibrated
+    with the same arguments sees the same images. Returns ``(loader, DatasetInfo)``."""
+    from torch.utils.data import DataLoader
+
+    from .data import get_dataset
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    ds, info = get_dataset(dataset, data_dir, train=True, fake_size=fake_size, input_size=input_size, augment=False)
+    order = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size, shuffle=True, generator=order), info

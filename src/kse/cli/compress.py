@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .common import (CLIError, add_command, add_common, checkpoint_path, checkpoint_input_size, kse_config, kse_layers,
-                     load_model, output_file, save_args, save_json, stage, write_model)
+from .common import (CLIError, add_command, add_common, at_least, check_dataset_fits, checkpoint_path,
+                     checkpoint_input_size, dataset_name, fake_input_size, kse_config, kse_layers, load_model,
+                     output_file, save_args, save_json, stage, write_model)
 
 
 # ----------------------------------------------------------------------------- shared with kse demo
@@ -31,6 +32,72 @@ def compress_model(model: torch.nn.Module, args: argparse.Namespace, path: Path)
                 if kse_layers(model) else "")
         raise CLIError(f"{exc}{hint}") from None
     return plans, before, profile(model, size)
+
+
+# ----------------------------------------------------------------------------- BatchNorm recalibration
+def add_recalibrate_flags(p, default: str, batch_size: bool = True) -> None:
+    """``--recalibrate N`` (shared by compress, prune-l1 and demo), with ``--batch-size`` for the
+    commands that have no other use for it."""
+    p.add_argument("--recalibrate", type=int, default=None, metavar="N",
+                   help=f"re-estimate the BatchNorm statistics on N training batches, no labels or gradients "
+                        f"({default}; 0: off); reads the checkpoint's dataset or --dataset, without augmentation, "
+                        f"in a fixed order")
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=None, help="images per recalibration batch (default 128)")
+
+
+def recalibration_loader(model: torch.nn.Module, args: argparse.Namespace, path: Path, standalone: bool = True):
+    """``(loader, dataset name)`` of the training batches ``--recalibrate`` reads, checked before
+    any work: the dataset fits the model and has enough batches. ``None`` when ``--recalibrate``
+    is 0 or not given (``standalone``: then ``--dataset`` / ``--data-dir`` are an error, as they
+    would be unused)."""
+    from ..recalibrate import batchnorm_layers, calibration_loader
+
+    at_least("--recalibrate", args.recalibrate, 0)
+    at_least("--batch-size", args.batch_size, 1)
+    if not args.recalibrate:
+        if standalone and (args.dataset or args.data_dir):
+            raise CLIError("--dataset and --data-dir only tell --recalibrate N where the training images are; "
+                           "add --recalibrate (e.g. 100) or leave them out")
+        return None
+    if not batchnorm_layers(model):
+        raise CLIError(f"--recalibrate: {path} has no BatchNorm layer with running statistics, so there is nothing "
+                       "to recalibrate; leave --recalibrate out")
+    name = dataset_name(model, args, path)
+    # NOTE: the same images in the same order for every model (seed 0), so that recalibrated
+    # accuracies of different compressions compare
+    loader, info = calibration_loader(name, args.data_dir, args.batch_size, seed=0,
+                                      fake_size=getattr(args, "fake_size", None) or 256,
+                                      input_size=fake_input_size(model))
+    check_dataset_fits(model, info, path)
+    if len(loader) < args.recalibrate:
+        raise CLIError(f"--recalibrate {args.recalibrate}: the {name} training split has only {len(loader)} batches "
+                       f"of {args.batch_size} images; lower --recalibrate or --batch-size")
+    return loader, name
+
+
+def print_recalibrated(done: Optional[Dict[str, Any]]) -> None:
+    if done:
+        print(f"BatchNorm statistics of {done['batchnorm_layers']} layers recalibrated on {done['batches']} "
+              f"{done['dataset']} training batches of {done['batch_size']} images")
+
+
+def recalibrate(model: torch.nn.Module, data, args: argparse.Namespace, command: str, say: bool = True) -> Dict[str, Any]:
+    """Recalibrate ``model``'s BatchNorm statistics on ``args.recalibrate`` batches of ``data``
+    (from :func:`recalibration_loader`); returns what was done, for the file's metadata."""
+    from ..recalibrate import batchnorm_layers, recalibrate_bn_
+
+    loader, name = data
+    n_bn = len(batchnorm_layers(model))
+    if say:
+        stage(command, f"recalibrating {n_bn} BatchNorm layers on {args.recalibrate} training batches of "
+                       f"{args.batch_size} images (no augmentation, no gradients)")
+    try:
+        recalibrate_bn_(model, loader, batches=args.recalibrate)
+    except ValueError as exc:
+        raise CLIError(f"--recalibrate: {exc}") from None
+    return {"batches": args.recalibrate, "batch_size": args.batch_size, "dataset": name, "split": "train",
+            "augmentation": False, "order_seed": 0, "batchnorm_layers": n_bn}
 
 
 def print_layer_table(rows, planned: bool) -> None:
@@ -156,13 +223,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = output_file(args, path, "the compressed .kse file to write")
     kse_config(args)
     model = load_model(path)
+    data = recalibration_loader(model, args, path)
     plans, before, after = compress_model(model, args, path)
     extra = {**(getattr(model, "kse_extra", None) or {}),
              "compressed_from": str(path), "baseline": {"params": before.params, "macs": before.macs}}
+    extra.pop("recalibrated", None)  # the statistics change: an earlier recalibration no longer holds
+    if data is not None:
+        extra["recalibrated"] = recalibrate(model, data, args, "compress")
     write_model(args, model, out, extra)
     print_layer_table(layer_summary(plans), planned=True)
     print()
     print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print_recalibrated(extra.get("recalibrated") if data is not None else None)
     print(f"wrote {out}")
     return 0
 
@@ -182,6 +254,7 @@ def cmd_prune_l1(args: argparse.Namespace) -> int:
     if kse_layers(model):
         raise CLIError(f"{path} is KSE-compressed; L1 filter pruning starts from a dense baseline")
     size = checkpoint_input_size(model, path)
+    data = recalibration_loader(model, args, path)
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     before = profile(model, size)
     try:
@@ -204,9 +277,13 @@ def cmd_prune_l1(args: argparse.Namespace) -> int:
     extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
              "l1_prune": {"ratio": ratio, "layers": list(args.layers), "removed": {k: len(v) for k, v in removed.items()},
                           "baseline": {"params": before.params, "macs": before.macs}}}
+    extra.pop("recalibrated", None)
+    if data is not None:
+        extra["recalibrated"] = recalibrate(model, data, args, "prune-l1")
     write_model(args, model, out, extra)
     print(f"L1 filter pruning, ratio {ratio:.4f} on {len(removed)} layers ({', '.join(args.layers)})")
     print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print_recalibrated(extra.get("recalibrated") if data is not None else None)
     print(f"wrote {out}")
     return 0
 
@@ -228,11 +305,15 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", default=None, help="print the analysis as one JSON object")
 
     p = add_command(subparsers, "compress", cmd_compress,
-                    defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse", entropy_layout="paper"),
+                    defaults=dict(G=4, T=0, alpha=1.0, seed=0, score="kse", entropy_layout="paper", recalibrate=0,
+                                  batch_size=128),
                     help="compress a checkpoint with KSE",
-                    description="Load a .kse checkpoint, compress it with KSE (docs/method.md §1-5) and save the "
-                                "result; prints the per-layer plan and params / MACs before and after.")
-    add_common(p, "checkpoint", "out", "G", "T", "alpha", "seed")
+                    description="Load a .kse checkpoint, compress it with KSE (docs/method.md §1-5), optionally "
+                                "recalibrate its BatchNorm statistics on training images (--recalibrate, "
+                                "docs/recalibration.md) and save the result; prints the per-layer plan and "
+                                "params / MACs before and after.")
+    add_common(p, "checkpoint", "out", "G", "T", "alpha", "seed", "dataset", "data-dir")
+    add_recalibrate_flags(p, "default 0")
     p.add_argument("--include", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to compress")
     p.add_argument("--exclude", nargs="+", default=None, metavar="PAT", help="glob patterns of layers to leave alone")
     p.add_argument("--score", choices=["kse", "sparsity", "entropy"], default=None,
@@ -245,13 +326,16 @@ def register(subparsers) -> None:
                    help="keep each shrunk producer's width a multiple of M when removing dead channels "
                         "(default 8, widths fast kernels handle well; 1: remove every dead channel)")
 
-    p = add_command(subparsers, "prune-l1", cmd_prune_l1, defaults=dict(layers=["*.conv1"]),
+    p = add_command(subparsers, "prune-l1", cmd_prune_l1, defaults=dict(layers=["*.conv1"], recalibrate=0,
+                                                                         batch_size=128),
                     help="L1-norm filter pruning (Li et al. 2017), the peer KSE is compared to",
                     description="Remove the output filters of smallest L1 norm from the selected convolutions "
                                 "(default: the first conv of every residual block, as Li et al. do for ResNet-56), "
                                 "with Torch-Pruning's DependencyGraph; the same fraction in every layer, given or "
-                                "searched to meet a MAC budget. Writes a dense .kse file for `kse finetune`.")
-    add_common(p, "checkpoint", "out")
+                                "searched to meet a MAC budget; optionally recalibrates the BatchNorm statistics "
+                                "(--recalibrate). Writes a dense .kse file for `kse finetune`.")
+    add_common(p, "checkpoint", "out", "dataset", "data-dir")
+    add_recalibrate_flags(p, "default 0")
     p.add_argument("--ratio", type=float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
     p.add_argument("--macs", type=float, default=None, help="MAC budget of the pruned model")
     p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")

@@ -13,7 +13,7 @@ import torch
 from .common import (CLIError, add_command, add_common, at_least, busy_note, check_dataset_fits, checkpoint_input_size,
                      checkpoint_path, dataset_name, deploy_cpu, fake_input_size, form_counts, kse_config, kse_layers,
                      load_model, loaders, parse_device, save_args, save_json, set_threads, stage, training_extension)
-from .compress import compress_model
+from .compress import add_recalibrate_flags, compress_model, recalibrate, recalibration_loader
 
 DEMO_HOWTO = ("make it with `kse train --arch resnet56 --dataset fashion-mnist --out checkpoints/resnet56-fmnist` "
               "and copy checkpoints/resnet56-fmnist/model.kse to checkpoints/resnet56-fmnist.kse, or pass --checkpoint")
@@ -64,8 +64,8 @@ def _demo_finetune(model, train_loader, args, device) -> Dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..report import fmt_bytes, fmt_count, fmt_ratio, layer_summary, markdown_table, plot_layers, \
-        summary_totals, text_table
+    from ..report import accuracy_rows, fmt_bytes, fmt_count, fmt_ratio, layer_summary, markdown_table, \
+        plot_layers, summary_totals, text_table
     from ..serialization import save
     from ..timing import time_interleaved
     from ..train import evaluate
@@ -85,8 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kse_config(args)
     set_threads(args.threads)
     device = parse_device(args.device)
+    at_least("--recalibrate", args.recalibrate, 0)
     out = Path(args.out)
-    stages = _Stages(7)
+    stages = _Stages(8 if args.recalibrate else 7)
 
     baseline = load_model(path)  # a bad file fails before any progress line
     input_size = checkpoint_input_size(baseline, path)
@@ -96,6 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_loader, test_loader, info = loaders(name, args.data_dir, args.batch_size, 0, args.fake_size,
                                                fake_input_size(baseline), args.seed)
     check_dataset_fits(baseline, info, path)
+    calibration = recalibration_loader(baseline, args, path, standalone=False)
     out.mkdir(parents=True, exist_ok=True)
     save_args(args, out)
 
@@ -110,9 +112,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stage("demo", f"      {len(plans)} layers; params {fmt_count(prof_base.params)} -> {fmt_count(prof_kse.params)}, "
                   f"MACs {fmt_count(prof_base.macs)} -> {fmt_count(prof_kse.macs)}")
 
-    stages("eval_compressed", "evaluating the compressed model before fine-tuning")
+    stages("eval_compressed", "evaluating the compressed model right after compression")
     acc_compressed = evaluate(model.to(device), test_loader, device, max_batches=args.eval_batches)
-    stage("demo", f"      top-1 {acc_compressed['top1']:.2f}% before fine-tuning")
+    model.cpu()
+    stage("demo", f"      top-1 {acc_compressed['top1']:.2f}% right after compression")
+
+    acc_recalibrated, recalibrated = None, None
+    if calibration is not None:
+        stages("recalibrate", f"recalibrating the BatchNorm statistics on {args.recalibrate} training batches of "
+                              f"{args.batch_size} (no labels, no gradients) and evaluating")
+        model.to(device)
+        recalibrated = recalibrate(model, calibration, args, "demo", say=False)
+        acc_recalibrated = evaluate(model, test_loader, device, max_batches=args.eval_batches)
+        model.cpu()
+        stage("demo", f"      top-1 {acc_recalibrated['top1']:.2f}% after recalibration")
 
     stages("finetune", f"fine-tuning the centroids for {args.finetune_steps} steps (batch {args.batch_size}, "
                        f"lr {args.lr}, {device})")
@@ -155,11 +168,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plot = plot_layers(rows, out / "layers.png", G=args.G,
                        title=f"{baseline.kse_arch.get('name')} on {name}: KSE G={args.G} T={args.T}")
     sizes = (path.stat().st_size, model_file.stat().st_size)
-    table = [
-        ["top-1 (%)", f"{acc_base['top1']:.2f}", f"{acc_kse['top1']:.2f}",
-         f"{acc_kse['top1'] - acc_base['top1']:+.2f} pt"],
-        ["top-1 before fine-tune (%)", "", f"{acc_compressed['top1']:.2f}",
-         f"{acc_compressed['top1'] - acc_base['top1']:+.2f} pt"],
+    table = accuracy_rows(acc_base["top1"], [
+        ("right after compression", acc_compressed["top1"]),
+        (f"BatchNorm recalibrated ({args.recalibrate} batches)", acc_recalibrated and acc_recalibrated["top1"]),
+        (f"fine-tuned ({finetune['steps']} steps)", acc_kse["top1"])]) + [
         ["top-5 (%)", f"{acc_base['top5']:.2f}", f"{acc_kse['top5']:.2f}", f"{acc_kse['top5'] - acc_base['top5']:+.2f} pt"],
         ["params", fmt_count(prof_base.params), fmt_count(prof_kse.params), fmt_ratio(prof_base.params, prof_kse.params)],
         ["MACs", fmt_count(prof_base.macs), fmt_count(prof_kse.macs), fmt_ratio(prof_base.macs, prof_kse.macs)],
@@ -182,8 +194,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                            for b in latency if "baseline_folded" in latency[b]},
                      "latency_folded_channels_last_ms": {str(b): latency[b]["baseline_folded_cl"]["median_ms"]
                                                          for b in latency if "baseline_folded_cl" in latency[b]}},
-        "compressed": {"top1": acc_kse["top1"], "top5": acc_kse["top5"], "top1_before_finetune": acc_compressed["top1"],
-                       "top5_before_finetune": acc_compressed["top5"], "params": prof_kse.params,
+        "compressed": {"top1": acc_kse["top1"], "top5": acc_kse["top5"],
+                       "top1_after_compression": acc_compressed["top1"], "top5_after_compression": acc_compressed["top5"],
+                       "top1_after_recalibration": acc_recalibrated and acc_recalibrated["top1"],
+                       "top5_after_recalibration": acc_recalibrated and acc_recalibrated["top5"],
+                       "recalibration": recalibrated, "params": prof_kse.params,
                        "macs": prof_kse.macs, "fusion_adds": prof_kse.fusion_adds, "file_bytes": sizes[1],
                        "latency_ms": {str(b): latency[b]["kse"]["median_ms"] for b in latency},
                        "latency_folded_ms": {str(b): latency[b]["kse_folded"]["median_ms"]
@@ -199,8 +214,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     total_s = sum(stages.seconds.values())
     write_text(out / "report.md", "\n".join([
         f"# KSE demo: {report['arch']} on {name}", "",
-        f"Baseline `{path}`, compressed with KSE G={args.G}, T={args.T}, alpha={args.alpha}, fine-tuned for "
-        f"{finetune['steps']} steps (lr {args.lr}). Accuracy on {acc_base['count']} test images; latency on CPU "
+        f"Baseline `{path}`, compressed with KSE G={args.G}, T={args.T}, alpha={args.alpha}, "
+        + (f"its BatchNorm statistics recalibrated on {args.recalibrate} training batches of {args.batch_size} images "
+           f"(no labels, no gradients; docs/recalibration.md), " if recalibrated else "")
+        + f"fine-tuned for {finetune['steps']} steps (lr {args.lr}). Accuracy on {acc_base['count']} test images; latency on CPU "
         f"({report['threads']} threads, best of 10 interleaved rounds of {max(args.repeats // 10, 1)} runs; KSE layer "
         f"forms chosen by measurement for each batch size: " + ", ".join(f"batch {b}: {f}" for b, f in forms_by_batch.items()) + ").", "",
         markdown_table(headers, table), "",
@@ -227,14 +244,16 @@ def register(subparsers) -> None:
     p = add_command(
         subparsers, "demo", cmd_demo, folder_out=True,
         defaults=dict(out="runs/demo", G=4, T=0, alpha=1.0, lr=0.01, batch_size=128, seed=0, finetune_steps=300,
-                      repeats=40, fake_size=256, fused=True),
+                      repeats=40, fake_size=256, fused=True, recalibrate=100),
         help="baseline -> KSE -> fine-tune -> deploy, with a before/after report",
         description="End-to-end KSE on a trained checkpoint (default: checkpoints/resnet56-fmnist.kse): "
                     "evaluate it on its dataset's test split, compress with KSE G=4, evaluate, "
+                    "recalibrate the BatchNorm statistics on 100 training batches and evaluate, "
                     "fine-tune briefly, deploy, and report top-1, params, MACs, file size and CPU "
                     "latency (batch 1 and 64) before and after. Writes report.json, report.md, "
                     "model.kse and layers.png to --out. No network needed.")
     add_common(p, "checkpoint", "dataset", "data-dir", "out", "G", "T", "alpha", "lr", "batch-size", "device", "seed")
+    add_recalibrate_flags(p, "default 100", batch_size=False)
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default 300; 0 skips)")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate only this many test batches of 256")
     p.add_argument("--repeats", type=int, default=None,
