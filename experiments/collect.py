@@ -73,10 +73,11 @@ def without_finetuning(out: Path) -> list:
 
 
 def no_finetuning_table(rows: list, base: dict) -> str:
+    table = [["baseline", f"{base['macs'] / 1e6:.2f}M", f"{base['top1']:.2f}", ""]] if "top1" in base else []
+    table += [[r["label"], f"{r['macs'] / 1e6:.2f}M ({base['macs'] / r['macs']:.2f}x)", f"{r['top1_compressed']:.2f}",
+               f"{r['top1_recalibrated']:.2f}"] for r in rows]
     return markdown_table(
-        ["model (no fine-tuning)", "MACs", "top-1 right after compression (%)", "top-1 recalibrated (%)"],
-        [[r["label"], f"{r['macs'] / 1e6:.2f}M ({base['macs'] / r['macs']:.2f}x)", f"{r['top1_compressed']:.2f}",
-          f"{r['top1_recalibrated']:.2f}"] for r in rows])
+        ["model (no fine-tuning)", "MACs", "top-1 right after compression (%)", "top-1 recalibrated (%)"], table)
 
 
 def latencies(paths: dict, batch_sizes=(1, 64), rounds: int = 5, repeats: int = 10) -> dict:
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
         model = kse.load(args.base)
         prof = kse.profile(model, tuple(model.kse_preprocess["input_size"]))
         base = {"file": str(args.base), "params": prof.params, "macs": prof.macs}
+        if (out / "baseline.eval.json").is_file():
+            base["top1"] = json.loads((out / "baseline.eval.json").read_text())["top1"]
         rows = without_finetuning(out)
         if not rows:
             raise SystemExit(f"no *.eval.json pairs in {out}; run RECALIBRATED_ONLY=1 bash experiments/fmnist_resnet56.sh")

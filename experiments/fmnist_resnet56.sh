@@ -35,8 +35,10 @@ finetune() {  # folder, start, flags...
   $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
 }
 
-evaluate() {  # name: test-set accuracy of $OUT/name.kse as JSON
-  [ -f "$OUT/$1.eval.json" ] || $KSE eval --checkpoint "$OUT/$1.kse" --json --repeats 1 --warmup 0 > "$OUT/$1.eval.json"
+evaluate() {  # name [file]: test-set accuracy of $OUT/name.kse (or file) as JSON, renamed into place once complete
+  [ -f "$OUT/$1.eval.json" ] && return
+  $KSE eval --checkpoint "${2:-$OUT/$1.kse}" --json --repeats 1 --warmup 0 > "$OUT/$1.eval.json.part"
+  mv "$OUT/$1.eval.json.part" "$OUT/$1.eval.json"
 }
 
 # the main models, then the same with recalibrated BatchNorm statistics, no fine-tuning
@@ -46,6 +48,7 @@ compress "rc-g4" --G 4 --recalibrate "$RECAL"
 compress "rc-g5" --G 5 --recalibrate "$RECAL"
 [ -f "$OUT/rc-l1-g4.kse" ] || $KSE prune-l1 --checkpoint "$BASE" --out "$OUT/rc-l1-g4.kse" --match "$OUT/g4.kse" \
   --recalibrate "$RECAL" > "$OUT/rc-l1-g4.prune.txt"
+evaluate baseline "$BASE"
 for run in g4 g5 l1-g4 rc-g4 rc-g5 rc-l1-g4; do evaluate "$run"; done
 if [ "${RECALIBRATED_ONLY:-0}" = 1 ]; then echo "done (recalibrated, no fine-tuning): $OUT"; exit 0; fi
 

@@ -106,8 +106,12 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 100) -> N
                 m.running_var.copy_(var)
                 if count is not None:
                     m.num_batches_tracked.copy_(count)
-        for m, training in modes.items():  # each module is set last by its own call (pre-order)
-            m.train(training)
+        # one call for the whole model, then (pre-order, parents first) each module whose mode
+        # still differs: a uniform model costs one train()/eval() call
+        model.train(modes[model])
+        for m, training in modes.items():
+            if m.training != training:
+                m.train(training)
 
 
 def calibration_loader(dataset: str, data_dir: Optional[str] = None, batch_size: int = 128, seed: int = 0,
