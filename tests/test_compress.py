@@ -168,6 +168,8 @@ def test_swap_failure_is_rolled_back(monkeypatch, fail_at):
     (dict(G=1), "G must be an integer >= 2, got 1"),
     (dict(G=2.5), "G must be an integer >= 2, got 2.5"),
     (dict(T=-1), "T must be an integer >= 0, got -1"),
+    (dict(T=10**30), "T must be an integer <= 1048576, got 10{30}"),  # was accepted, then an OverflowError
+    (dict(G=2**70), "G must be an integer <= 1048576, got 1180591620717411303424"),
     (dict(alpha=-0.5), "alpha must be a finite number >= 0, got -0.5"),
     (dict(k=0), "k must be an integer >= 1, got 0"),
     (dict(input_size=(3, 32)), "input_size must be"),

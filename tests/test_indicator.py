@@ -125,11 +125,39 @@ def test_centroid_counts_bucket_edges(G, T, N, cases):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(G=1), "G must be an integer >= 2, got 1"),
     (dict(G=4.0), "G must be an integer"),
+    (dict(G=2**70), "G must be an integer <= 1048576, got 1180591620717411303424"),
     (dict(T=-1), "T must be an integer >= 0, got -1"),
+    (dict(T=10**30), "T must be an integer <= 1048576, got 10{30}"),
 ])
 def test_centroid_counts_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kse.centroid_counts(torch.tensor([0.5]), 8, **{"G": 4, "T": 0, **kwargs})
+
+
+def _counts_reference(v: float, N: int, G: int, T: int) -> int:
+    """Eq. 8 with exact rational arithmetic, one channel at a time."""
+    from fractions import Fraction
+
+    vG = Fraction(v) * G
+    g = math.floor(vG)
+    if g == 0:
+        return 0
+    if math.ceil(vG) == G:
+        return N
+    return min(N, math.ceil(N * Fraction(2) ** (g + 1 - T - G)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=8), st.integers(1, 2**40),
+       st.sampled_from([2, 3, 4, 5, 7, 64, 1100, 2**20]), st.sampled_from([0, 1, 2, 5, 52, 63, 64, 1100, 2**20]))
+def test_centroid_counts_match_exact_arithmetic(values, N, G, T):
+    """Counts computed in integers: a large T or G gives q = 1 (float64 underflowed to q = 0 at T = 1100)."""
+    got = kse.centroid_counts(torch.tensor(values, dtype=torch.float64), N, G, T).tolist()
+    assert got == [_counts_reference(v, N, G, T) for v in values]
+
+
+def test_centroid_counts_large_shift_keeps_one_centroid():
+    assert kse.centroid_counts(torch.tensor([0.3, 0.6, 0.9, 0.1]), 64, 4, 1100).tolist() == [1, 1, 64, 0]
 
 
 def test_bad_weights_raise():

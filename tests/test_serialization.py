@@ -1,6 +1,7 @@
 """The .kse format: round trips (dense, compressed, reshaped), index packing, bad files."""
 
 import json
+import numpy as np
 import struct
 
 import pytest
@@ -10,7 +11,27 @@ import torch.nn as nn
 import kse
 from kse.models import get_model
 from kse.prune import shrink_batchnorm, shrink_conv
-from kse.serialization import CheckpointError, pack_indices, read_metadata, unpack_indices
+from kse.serialization import CheckpointError, checksum, pack_indices, read_metadata, unpack_indices
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def read_file(path):
+    """``(metadata, tensors)`` of a .kse file, as stored."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["kse"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def rewrite(path, out, edit, sign=True):
+    """A copy of ``path`` at ``out`` after ``edit(meta, tensors)`` (in place), with a valid
+    checksum (``sign``) as a careful forger would write it, so that the structural checks
+    rather than the checksum must catch the edit."""
+    meta, tensors = read_file(path)
+    edit(meta, tensors)
+    if sign and "checksum" in meta:
+        meta["checksum"] = checksum(meta, tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata={"kse": json.dumps(meta)})
+    return out
 
 
 def same_outputs(a, b, x):
@@ -41,7 +62,7 @@ def test_compressed_round_trip_keeps_form_and_structure(tmp_path, form):
             assert b.form == form
             assert torch.equal(b.assignment, m.assignment) and torch.equal(b.kept_channels, m.kept_channels)
     assert back.kse_config["G"] == 4 and back.kse_extra == {"note": "x"}
-    assert json.loads(json.dumps(read_metadata(tmp_path / "c.kse")))["format_version"] == 1
+    assert json.loads(json.dumps(read_metadata(tmp_path / "c.kse")))["format_version"] == 2
 
 
 def test_file_describes_changed_channel_widths(tmp_path):
@@ -147,33 +168,28 @@ def test_malformed_checkpoint_structure(tmp_path):
     net = get_model("resnet20").eval()
     kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
     path = kse.save(net, tmp_path / "c.kse")
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["kse"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    bad = json.loads(json.dumps(meta))
-    del bad["modules"]["layer1.0.conv2"]["counts"]
-    save_file(tensors, str(tmp_path / "bad1.kse"), metadata={"kse": json.dumps(bad)})
-    with pytest.raises(CheckpointError, match="module 'layer1.0.conv2' has a malformed description"):
-        kse.load(tmp_path / "bad1.kse")
-    missing = dict(tensors)
-    del missing["layer1.0.conv2.assignment_packed"]
-    save_file(missing, str(tmp_path / "bad2.kse"), metadata={"kse": json.dumps(meta)})
+    def drop_counts(meta, tensors):
+        del meta["modules"]["layer1.0.conv2"]["counts"]
+
+    with pytest.raises(CheckpointError, match="module 'layer1.0.conv2' has a malformed description \\(counts: missing"):
+        kse.load(rewrite(path, tmp_path / "bad1.kse", drop_counts))
+
+    def drop_packed(meta, tensors):
+        del tensors["layer1.0.conv2.assignment_packed"]
+
     with pytest.raises(CheckpointError, match="packed indices of layer 'layer1.0.conv2' are missing"):
-        kse.load(tmp_path / "bad2.kse")
+        kse.load(rewrite(path, tmp_path / "bad2.kse", drop_packed))
     # the JSON's own shape: every malformed structure gets one CheckpointError naming it
     for i, (edit, what) in enumerate([(lambda m: m.update(modules=[]), "'modules' must map"),
                                       (lambda m: m.pop("arch"), "'arch' must be an object"),
                                       (lambda m: m["arch"].pop("name"), "'arch' must be an object"),
                                       (lambda m: m["arch"].update(kwargs=[1]), "'arch.kwargs'"),
                                       (lambda m: m["modules"].update(x=3), "'modules' must map")]):
-        bad = json.loads(json.dumps(meta))
-        edit(bad)
-        save_file(tensors, str(tmp_path / f"shape{i}.kse"), metadata={"kse": json.dumps(bad)})
+        bad = rewrite(path, tmp_path / f"shape{i}.kse", lambda meta, tensors: edit(meta))
         with pytest.raises(CheckpointError, match=f"malformed KSE metadata \\({what}"):
-            kse.load(tmp_path / f"shape{i}.kse")
+            kse.load(bad)
+    meta, tensors = read_file(path)
     save_file(tensors, str(tmp_path / "list.kse"), metadata={"kse": json.dumps([meta])})
     with pytest.raises(CheckpointError, match="not a KSE checkpoint"):
         kse.load(tmp_path / "list.kse")
@@ -266,3 +282,254 @@ def test_a_user_model_registered_by_name_saves_and_loads(tmp_path):
     back = kse.load(kse.save(net, tmp_path / "small.kse"))
     same_outputs(net, back, torch.randn(2, 3, 12, 12))
     assert back.kse_arch == {"name": "test_small_user_net", "kwargs": {"num_classes": 5, "in_channels": 3, "width": 24}}
+
+
+# ----------------------------------------------------------------------------- what load checks (issue 18)
+LAYER = "layer2.1.conv1"
+
+
+@pytest.fixture(scope="module")
+def compressed_file(tmp_path_factory):
+    """A compressed ResNet-20 saved in the fused form (the form that reads indices unchecked)."""
+    net = get_model("resnet20").eval()
+    kse.compress_(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
+    kse.deploy_(net, form="split")
+    return kse.save(net, tmp_path_factory.mktemp("files") / "c.kse")
+
+
+def _buffer_edit(key, fn):
+    def edit(meta, tensors):
+        tensors[f"{LAYER}.{key}"] = fn(tensors[f"{LAYER}.{key}"].clone())
+    return edit
+
+
+def _spec_edit(fn):
+    def edit(meta, tensors):
+        fn(meta["modules"][LAYER])
+    return edit
+
+
+def _both_kept(fn):
+    """The same edit to the JSON's kept channels and the buffer, so that they agree."""
+    def edit(meta, tensors):
+        kept = fn(list(meta["modules"][LAYER]["kept"]))
+        meta["modules"][LAYER]["kept"] = kept
+        tensors[f"{LAYER}.kept_channels"] = torch.tensor(kept)
+    return edit
+
+
+def _swap_first_two(values):
+    values[0], values[1] = values[1], values[0]
+    return values
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_buffer_edit("kept_channels", lambda k: k.flip(0)), "kept_channels tensor disagrees with the description"),
+    (_buffer_edit("kept_channels", lambda k: k.index_fill_(0, torch.tensor([1]), int(k[0]))),
+     "kept_channels tensor disagrees"),
+    (_buffer_edit("centroid_counts", lambda c: c.flip(0)), "centroid_counts tensor disagrees"),
+    (_both_kept(lambda k: k[::-1]), "kept must list distinct input channels in increasing order"),
+    (_both_kept(lambda k: [k[0]] + k[:-1]), "kept must list distinct input channels in increasing order"),
+    (_both_kept(lambda k: [-1] + k[1:]), "kept must be an integer in \\[0, 31\\], got -1"),
+    (_spec_edit(lambda s: s["index_bits"].__setitem__(s["index_bits"].index(4), 64)),
+     "index_bits must be an integer in \\[0, 31\\], got 64"),
+    (_spec_edit(lambda s: s["index_bits"].__setitem__(s["index_bits"].index(4), 1)),
+     "index_bits\\[\\d+\\] = 1 does not fit 16 centroids of 32 kernels \\(expected 4\\)"),
+    (_spec_edit(lambda s: s.update(padding="bogus")), "padding must be 'same', 'valid' or a list of 2 integers, got 'bogus'"),
+    (_spec_edit(lambda s: s.update(form="fast")), "form: form must be one of"),
+    (_buffer_edit("assignment_packed", lambda p: p.float()), "'assignment_packed' is torch.float32, expected torch.uint8"),
+    (_buffer_edit("assignment_packed", lambda p: p[:-1]), "'assignment_packed' has shape"),
+    (_buffer_edit("kept_channels", lambda k: k.int()), "'kept_channels' is torch.int32, expected torch.int64"),
+])
+def test_load_checks_every_structural_value(compressed_file, tmp_path, edit, message):
+    """Each edit is signed with a valid checksum: the structural check itself must refuse it."""
+    with pytest.raises(CheckpointError, match=message):
+        kse.load(rewrite(compressed_file, tmp_path / "bad.kse", edit))
+
+
+def test_permuted_counts_in_json_and_buffer_are_caught(compressed_file, tmp_path):
+    """Counts permuted consistently in the JSON and the buffer: the index widths or the
+    indices no longer fit them."""
+    def permute(meta, tensors):
+        spec = meta["modules"][LAYER]
+        pos = [spec["counts"].index(q) for q in sorted(set(spec["counts"]))][:2]  # two channels, different q
+        for key in ("counts",):
+            values = spec[key]
+            values[pos[0]], values[pos[1]] = values[pos[1]], values[pos[0]]
+        tensors[f"{LAYER}.centroid_counts"] = torch.tensor(spec["counts"])
+
+    with pytest.raises(CheckpointError, match="does not fit|centroids"):
+        kse.load(rewrite(compressed_file, tmp_path / "bad.kse", permute))
+
+
+def test_index_widths_beyond_31_bits_are_refused():
+    """A 64-bit width could hold a negative value (-2^32 + 1 wraps to a valid int32 row)."""
+    value = -(2**32) + 1
+    packed = torch.from_numpy(np.frombuffer(np.array([value], dtype="<i8").tobytes(), dtype=np.uint8).copy())
+    with pytest.raises(CheckpointError, match="index widths must be in \\[0, 31\\] bits"):
+        unpack_indices(packed, [64], [4], 1)
+    with pytest.raises(CheckpointError, match="1-D uint8"):
+        unpack_indices(packed.float(), [8], [4], 1)
+    with pytest.raises(CheckpointError, match="hold 8 bytes, expected 1"):
+        unpack_indices(packed, [2], [4], 4)
+
+
+def test_a_flipped_bit_is_a_checksum_error(compressed_file, tmp_path):
+    def flip(meta, tensors):
+        w = tensors["layer1.0.bn1.weight"].clone()
+        w.view(torch.int32)[0] ^= 1  # the lowest mantissa bit
+        tensors["layer1.0.bn1.weight"] = w
+
+    with pytest.raises(CheckpointError, match="is damaged: its checksum does not match its contents"):
+        kse.load(rewrite(compressed_file, tmp_path / "flip.kse", flip, sign=False))
+
+    def eps(meta, tensors):
+        meta["modules"].setdefault("bn1", {"type": "BatchNorm2d", "num_features": 16, "eps": 0.1, "momentum": 0.1,
+                                           "affine": True, "track_running_stats": True})
+
+    with pytest.raises(CheckpointError, match="checksum does not match"):  # the metadata is covered too
+        kse.load(rewrite(compressed_file, tmp_path / "eps.kse", eps, sign=False))
+
+    def strip(meta, tensors):
+        del meta["checksum"]
+
+    with pytest.raises(CheckpointError, match="format 2 needs a 'checksum'"):
+        kse.load(rewrite(compressed_file, tmp_path / "strip.kse", strip, sign=False))
+
+
+def test_files_of_format_1_load_without_a_checksum(compressed_file, tmp_path):
+    """Format 1 (the committed checkpoints/*.kse) was written before the checksum."""
+    def as_format_1(meta, tensors):
+        meta["format_version"] = 1
+        del meta["checksum"], meta["module_versions"]
+
+    old = kse.load(rewrite(compressed_file, tmp_path / "v1.kse", as_format_1))
+    same_outputs(old, kse.load(compressed_file), torch.randn(2, 3, 32, 32))
+
+
+def test_the_committed_checkpoints_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "checkpoints").glob("*.kse"))
+    assert len(files) >= 5
+    for path in files:
+        model = kse.load(path)
+        size = model.kse_preprocess["input_size"]
+        assert model(torch.zeros(1, *size)).shape == (1, 10)
+
+
+def test_sizes_are_checked_against_the_tensors_before_anything_is_built(compressed_file, tmp_path):
+    """A small file claiming huge sizes is refused before the loader allocates them (without the
+    check these allocate hundreds of gigabytes and fail with a raw allocation error)."""
+    def huge_conv(meta, tensors):
+        meta["modules"]["conv1"] = {"type": "Conv2d", "in_channels": 3, "out_channels": 200_000_000,
+                                    "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1],
+                                             "dilation": [1, 1], "groups": 1, "bias": False, "padding_mode": "zeros"}
+
+    with pytest.raises(CheckpointError, match="module 'conv1' does not fit its tensors \\(other shapes: weight"):
+        kse.load(rewrite(compressed_file, tmp_path / "a.kse", huge_conv))
+
+    def many_classes(meta, tensors):
+        meta["arch"]["kwargs"]["num_classes"] = 2_000_000_000
+
+    with pytest.raises(CheckpointError, match="tensors do not match the architecture \\(other shapes: fc.bias, fc.weight"):
+        kse.load(rewrite(compressed_file, tmp_path / "b.kse", many_classes))
+
+    def wide_kse_layer(meta, tensors):  # one centroid per channel, no bias: no tensor grows with out_channels
+        spec = meta["modules"][LAYER]
+        k = len(spec["kept"])
+        spec.update(out_channels=200_000_000, counts=[1] * k, index_bits=[0] * k)
+        tensors[f"{LAYER}.centroid_counts"] = torch.ones(k, dtype=torch.long)
+        tensors[f"{LAYER}.centroids"] = torch.zeros(k, 3, 3)
+        tensors[f"{LAYER}.assignment_packed"] = torch.zeros(0, dtype=torch.uint8)
+
+    with pytest.raises(CheckpointError, match=f"KSE layer '{LAYER}' has 32 -> 200000000 channels, more than the "
+                                              "convolution it replaces"):
+        kse.load(rewrite(compressed_file, tmp_path / "c.kse", wide_kse_layer))
+
+
+def _deep(meta, tensors):
+    meta["extra"] = json.loads("[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["modules"][LAYER].update(in_channels=10**12), "in_channels must be an integer in \\[1, 2147483647\\]"),
+    (lambda m: m["modules"][LAYER].update(out_channels=1e12), "out_channels must be an integer"),
+    (lambda m: m["modules"][LAYER]["index_bits"].pop(), "index_bits has (\\d+) values for \\d+ kept channels"),
+    (lambda m: m["modules"][LAYER]["index_bits"].__setitem__(0, -1), "index_bits must be an integer in \\[0, 31\\]"),
+    (lambda m: m["arch"]["kwargs"].update(num_classes=1e30), "'arch.kwargs.num_classes' must be an integer"),
+    (lambda m: m["arch"]["kwargs"].update(width=10**30), "'arch.kwargs.width' must be an integer of at most"),
+    (lambda m: m.update(preprocess=[1, 28, 28]), "'preprocess' must be an object or null"),
+    (lambda m: m["preprocess"].update(num_classes=1e30), "'preprocess.num_classes' must be an integer"),
+    (lambda m: m["preprocess"].update(input_size=[3, 0, 32]), "'preprocess.input_size' must be \\[C, H, W\\]"),
+    (lambda m: m["preprocess"].update(input_size=[3, -32, 32]), "'preprocess.input_size' must be"),
+    (lambda m: m["preprocess"].update(input_size=[3, 60000, 60000]), "C \\* H \\* W <= 268435456"),
+    (lambda m: m["preprocess"].update(std=[0.0]), "'preprocess.std' must be a finite number in \\(0"),
+    (lambda m: m.update(format_version="1"), "'format_version' must be an integer >= 1, got '1'"),
+    (lambda m: m.pop("format_version"), "'format_version' must be an integer >= 1, got none"),
+    (lambda m: m.update(kse_config={"G": 4, "T": 10**30}), "'kse_config': T must be an integer <= 1048576"),
+    (lambda m: m.update(module_versions={"layer1": "2"}), "'module_versions.layer1' must be an integer"),
+    (lambda m: m.update(module_versions={"nowhere": 2}), "'module_versions' names 'nowhere'"),
+    (_deep, "nested too deeply"),
+])
+def test_malformed_metadata_is_one_clear_error(compressed_file, tmp_path, edit, message):
+    def apply(meta, tensors):
+        if edit is _deep:
+            _deep(meta, tensors)
+        else:
+            meta.setdefault("preprocess", {"input_size": [3, 32, 32]})
+            if meta["preprocess"] is None:
+                meta["preprocess"] = {"input_size": [3, 32, 32]}
+            edit(meta)
+
+    if edit is _deep:  # beyond what the json module can build: written as text
+        meta, tensors = read_file(compressed_file)
+        raw = json.dumps(meta)[:-1] + ', "deep": ' + "[" * 200_000 + "]" * 200_000 + "}"
+        save_file(tensors, str(tmp_path / "bad.kse"), metadata={"kse": raw})
+        bad = tmp_path / "bad.kse"
+    else:
+        bad = rewrite(compressed_file, tmp_path / "bad.kse", apply)
+    with pytest.raises(CheckpointError, match=message):
+        kse.load(bad)
+
+
+@pytest.mark.parametrize("key,value", [("weights", "DEFAULT"), ("weights_backbone", "DEFAULT"),
+                                       ("pretrained", True), ("progress", True), ("model_dir", "/tmp"),
+                                       ("checkpoint_path", "a.pth"), ("cfg", "https://example.com/w.pth")])
+def test_architecture_arguments_that_fetch_are_refused(compressed_file, tmp_path, key, value, monkeypatch):
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("kse.load tried to fetch weights")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_download)
+    bad = rewrite(compressed_file, tmp_path / "bad.kse", lambda m, t: m["arch"]["kwargs"].update({key: value}))
+    with pytest.raises(CheckpointError, match=f"'arch.kwargs.{key}'.*(fetch or read data|not a URL)"):
+        kse.load(bad)
+    # null or false is harmless
+    if key != "cfg":
+        ok = rewrite(compressed_file, tmp_path / "ok.kse", lambda m, t: m["arch"]["kwargs"].update({key: None}))
+        with pytest.raises(CheckpointError, match=f"cannot build architecture 'resnet20' .*unexpected keyword argument '{key}'"):
+            kse.load(ok)
+
+
+def test_weights_argument_is_left_out_of_the_file(tmp_path):
+    """A torchvision model built with weights= saves without them in its arguments (the tensors
+    hold them); what they set on the model (googlenet's transform_input) is kept."""
+    net = get_model("googlenet", num_classes=10, transform_input=True, aux_logits=False, init_weights=False).eval()
+    net.kse_arch["kwargs"] = {"num_classes": 10, "in_channels": 3, "weights": "DEFAULT", "aux_logits": False,
+                              "init_weights": False}  # as if built with weights=
+    path = kse.save(net, tmp_path / "g.kse")
+    kwargs = read_metadata(path)["arch"]["kwargs"]
+    assert "weights" not in kwargs and kwargs["transform_input"] is True
+    same_outputs(net, kse.load(path), torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="'arch.kwargs.cfg' must be a short string \\(not a URL\\)"):
+        kse.save(net, tmp_path / "h.kse", arch={"name": "googlenet", "kwargs": {"cfg": "http://x"}})
+
+
+def test_mnasnet_round_trips_with_its_module_versions(tmp_path):
+    """torchvision's MNASNet reads the state dict's module versions (_metadata) when it loads."""
+    net = get_model("mnasnet0_5", num_classes=10).eval()
+    path = kse.save(net, tmp_path / "m.kse")
+    assert read_metadata(path)["module_versions"][""] == 2  # MNASNet._version
+    same_outputs(net, kse.load(path), torch.randn(1, 3, 64, 64))

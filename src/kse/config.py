@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from .indicator import check_groups_and_shift
+
 FilterFn = Callable[[nn.Module, str], bool]
 SCORES = ("kse", "sparsity", "entropy")
 ENTROPY_LAYOUTS = ("paper", "official")
@@ -31,8 +33,8 @@ class KSEConfig:
     """What to compress and how.
 
     Attributes:
-        G: number of indicator groups (KSE Eq. 8), integer >= 2.
-        T: shift of the centroid counts, integer >= 0 (the paper uses T=1 on ImageNet).
+        G: number of indicator groups (KSE Eq. 8), integer in [2, 2**20].
+        T: shift of the centroid counts, integer in [0, 2**20] (the paper uses T=1 on ImageNet).
         alpha: weight of the entropy in the indicator, >= 0 (official code: 1).
         k: nearest neighbours for the kernel entropy, >= 1 (official code: 5).
         score: what ranks the input channels: ``"kse"`` (Eq. 7, the method), or for ablations
@@ -74,8 +76,7 @@ class KSEConfig:
     filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _int_at_least("G", self.G, 2)
-        _int_at_least("T", self.T, 0)
+        check_groups_and_shift(self.G, self.T)
         _int_at_least("k", self.k, 1)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("kmeans_iters", self.kmeans_iters, 1)

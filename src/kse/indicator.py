@@ -239,20 +239,20 @@ def centroid_counts(indicator: Tensor, out_channels: int, G: int = 4, T: int = 0
         otherwise          q_c = ceil(N * 2^(g + 1 - T - G)),  g = floor(v G)
 
     (q is capped at N.) With G=4, T=0: v < .25 pruned, [.25, .5) N/4, [.5, .75) N/2,
-    >= .75 N. The products ``v G`` are taken in float64 so bucket edges are exact.
+    >= .75 N. The products ``v G`` are taken in float64 so bucket edges are exact; the counts
+    in integers, ``ceil(N / 2^s)`` with ``s = T + G - g - 1 >= 0``, so that a large ``T`` or
+    ``G`` gives one centroid (never 0, as ``2^-s`` underflowing in float64 would).
 
     Args:
         indicator: ``Tensor[C]`` in ``[0, 1]``.
         out_channels: N, the number of kernels per input channel.
-        G: number of groups (integer >= 2).  T: shift (integer >= 0).
+        G: number of groups (integer in ``[2, MAX_GROUPS]``).  T: shift (integer in
+            ``[0, MAX_SHIFT]``; from ``log2 N`` on, every kept channel gets one centroid).
     Returns:
         ``LongTensor[C]`` with values in ``[0, N]``.
     """
-    if not isinstance(G, int) or isinstance(G, bool) or G < 2:
-        raise ValueError(f"G must be an integer >= 2, got {G!r}")
-    if not isinstance(T, int) or isinstance(T, bool) or T < 0:
-        raise ValueError(f"T must be an integer >= 0, got {T!r}")
-    if not isinstance(out_channels, int) or out_channels < 1:
+    check_groups_and_shift(G, T)
+    if not isinstance(out_channels, int) or isinstance(out_channels, bool) or not 1 <= out_channels < 2**62:
         raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}")
     v = indicator.detach().double().cpu()
     if v.ndim != 1 or not torch.isfinite(v).all() or (v < 0).any() or (v > 1).any():
@@ -260,9 +260,23 @@ def centroid_counts(indicator: Tensor, out_channels: int, G: int = 4, T: int = 0
         raise ValueError(f"indicator must be a 1-D tensor of finite values in [0, 1], got shape "
                          f"{tuple(v.shape)} with values in [{lo:.4g}, {hi:.4g}]")
     vG = v * G
-    g = torch.floor(vG)
-    frac = torch.pow(2.0, g + 1 - T - G)
-    q = torch.ceil(out_channels * frac).clamp(max=out_channels)
+    g = torch.floor(vG).long()
+    # q = ceil(N / 2^s); from s = bit_length(N) on it is 1, so the shift is capped there (no overflow)
+    shift = (T + G - 1 - g).clamp(min=0, max=out_channels.bit_length())
+    q = ((out_channels + (1 << shift) - 1) >> shift).clamp(max=out_channels)
     q = torch.where(g == 0, torch.zeros_like(q), q)
     q = torch.where(torch.ceil(vG) == G, torch.full_like(q, out_channels), q)
-    return q.long().to(indicator.device)
+    return q.to(indicator.device)
+
+
+MAX_GROUPS = 2**20  # G: buckets of v in [0, 1]; v * G stays exact in float64
+MAX_SHIFT = 2**20  # T: beyond log2 N (at most 62) every kept channel already gets one centroid
+
+
+def check_groups_and_shift(G: int, T: int) -> None:
+    """``G`` an integer in ``[2, MAX_GROUPS]`` and ``T`` one in ``[0, MAX_SHIFT]``, else ``ValueError``."""
+    for name, value, low, high in (("G", G, 2, MAX_GROUPS), ("T", T, 0, MAX_SHIFT)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if value > high:
+            raise ValueError(f"{name} must be an integer <= {high}, got {value!r}")
