@@ -253,3 +253,74 @@ def test_finetune_steps_errors():
         finetune_steps(_model(0), empty, steps=3, lr=0.01, device=CPU)
     with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
         finetune_steps(_model(0), _loaders()[0], steps=0, lr=0.01, device=CPU)
+
+
+# ----------------------------------------------------------------------------- runs that must not report success
+def test_zero_steps_is_an_error(tmp_path):
+    """A batch larger than the dataset with drop_last: no step, so no training."""
+    train_ds, _ = get_dataset("fake", train=True, fake_size=32, input_size=16)
+    train = DataLoader(train_ds, 64, shuffle=True, drop_last=True)
+    _, test, _ = _loaders()
+    with pytest.raises(ValueError, match="no batch per epoch \\(32 samples, batch size 64, incomplete batches "
+                                         "dropped\\).*--batch-size"):
+        fit(_model(0), train, test, _cfg(), tmp_path, CPU)
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_divergence_stops_before_anything_is_saved(tmp_path):
+    """lr 1e6: the loss stays finite (if huge) but the BatchNorm statistics overflow."""
+    train, test, _ = _loaders()
+    with pytest.raises(FloatingPointError, match="BatchNorm statistic layer1.0.bn1.running_var holds NaN or Inf "
+                                                 "after epoch 1 .*lower the learning rate \\(--lr, now 1e\\+06\\)"):
+        fit(_model(0), train, test, _cfg(lr=1e6), tmp_path, CPU)
+    assert not (tmp_path / "last.ckpt").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_non_finite_outputs_stop_training(tmp_path):
+    """A -inf logit leaves the cross-entropy finite; the outputs are checked themselves."""
+    train, test, _ = _loaders()
+
+    class NeverClass10(nn.Module):  # an eleventh class no label names, at -inf
+        def __init__(self):
+            super().__init__()
+            self.net = _model(0)
+
+        def forward(self, x):
+            out = self.net(x)
+            return torch.cat([out, out.new_full((len(out), 1), -math.inf)], 1)
+
+    model = NeverClass10()
+    with pytest.raises(FloatingPointError, match="the outputs hold NaN or Inf at epoch 1 step 1"):
+        fit(model, train, test, _cfg(), tmp_path, CPU)
+
+
+def test_evaluate_refuses_non_finite_outputs():
+    _, test, _ = _loaders()
+    model = _model(0)
+    with torch.no_grad():
+        model.bn1.running_var.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="outputs hold NaN or Inf for 8 of 8 images"):
+        evaluate(model, test, CPU)
+
+
+def test_a_stop_between_checkpoint_and_metrics_loses_no_line(tmp_path, monkeypatch):
+    import kse.train as train_module
+
+    train, test, _ = _loaders()
+    real_save = train_module.save_training_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(*args, **kwargs):  # the checkpoint is renamed into place, then the process dies
+        real_save(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_die)
+    with pytest.raises(Killed):
+        fit(_model(0), train, test, _cfg(), tmp_path, CPU)
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    history = fit(_model(1), train, test, _cfg(), tmp_path, CPU, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows == json.loads(json.dumps(history))

@@ -3,8 +3,11 @@
 
 Baseline training and KSE fine-tuning share them (KSE.md §6: SGD with momentum, multistep
 or cosine learning rate). ``fit`` writes ``last.ckpt`` atomically after every epoch
-(safetensors; optimizer, scheduler and RNG state included, no pickle) and appends one JSON
-line per epoch to ``metrics.jsonl``; ``resume=True`` continues exactly where it stopped.
+(safetensors; optimizer, scheduler and RNG state included, no pickle), then rewrites
+``metrics.jsonl`` (one JSON line per epoch, from the rows the checkpoint holds);
+``resume=True`` continues exactly where it stopped. A run that trains nothing (no batch per
+epoch) or diverges (a non-finite loss, output, parameter or BatchNorm statistic) stops with an
+error instead of saving.
 Under ``torchrun`` it uses DistributedDataParallel and a DistributedSampler, and only rank 0
 writes files.
 """
@@ -26,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text
 
 
 @dataclass
@@ -132,6 +135,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     """One pass over ``loader``; returns mean loss, top-1 accuracy and throughput."""
     model.train()
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(f"the training data gives no batch per epoch ({_data_size(loader)}, batch size "
+                         f"{getattr(loader, 'batch_size', '?')}, incomplete batches dropped): training would change "
+                         "nothing; use a batch size no larger than the dataset (--batch-size)")
     total_loss = correct = seen = 0.0
     t0 = time.time()
     use_amp = cfg.amp and device.type in ("cuda", "cpu")
@@ -150,8 +157,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {i}; lower --lr")
+        if not (torch.isfinite(loss) & torch.isfinite(out).all()):  # one synchronisation for both
+            what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "the outputs hold NaN or Inf"
+            raise FloatingPointError(f"training diverged: {what} at epoch {epoch + 1} step {i + 1}; lower the "
+                                     f"learning rate (--lr, now {cfg.lr:g})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and use_amp:
             scaler.scale(loss).backward()
@@ -166,8 +175,26 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         seen += n
         if i % 20 == 0 or i == steps - 1:
             _progress(i + 1, steps, seen, t0, f"loss {total_loss / seen:.3f} acc {100 * correct / seen:.2f}% lr {lr:.4f}")
+    check_finite(model, f"after epoch {epoch + 1}", f"lower the learning rate (--lr, now {cfg.lr:g})")
     return {"train_loss": total_loss / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
             "train_img_per_s": seen / max(time.time() - t0, 1e-9)}
+
+
+def _data_size(loader) -> str:
+    try:
+        return f"{len(loader.sampler if getattr(loader, 'sampler', None) is not None else loader.dataset)} samples"
+    except TypeError:
+        return "an unsized dataset"
+
+
+def check_finite(model: nn.Module, when: str, fix: str) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter or buffer (BatchNorm statistics
+    included) that holds NaN or Inf: a diverged run must stop, not be saved as a result."""
+    for name, value in _unwrap(model).state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            kind = "BatchNorm statistic" if name.rpartition(".")[2].startswith("running_") else "parameter"
+            raise FloatingPointError(f"training diverged: {kind} {name} holds NaN or Inf {when} (nothing of this "
+                                     f"epoch is saved); {fix}")
 
 
 @torch.no_grad()
@@ -180,7 +207,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     """
     model = _unwrap(model)
     model.eval()
-    stats = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    stats = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, count, images with non-finite outputs
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -188,6 +215,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x).float()
+        finite = torch.isfinite(out).all(1)
+        stats[4] += (~finite).sum().item()
+        out = torch.where(finite.unsqueeze(1), out, 0.0)  # counted above; the sums stay finite
         k = min(5, out.shape[1])
         top = out.topk(k, 1).indices
         stats[0] += F.cross_entropy(out, y, reduction="sum").item()
@@ -199,6 +229,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         on_device = stats.to(device) if dist.get_backend() == "nccl" else stats
         dist.all_reduce(on_device)
         stats = on_device.cpu()
+    if stats[4] > 0:
+        raise FloatingPointError(f"the model's outputs hold NaN or Inf for {int(stats[4])} of {int(stats[3])} "
+                                 "images: its weights or BatchNorm statistics are not finite (a diverged training "
+                                 "run?); use another checkpoint")
     n = max(stats[3].item(), 1)
     return {"loss": stats[0].item() / n, "top1": 100 * stats[1].item() / n,
             "top5": 100 * stats[2].item() / n, "count": int(stats[3].item())}
@@ -300,10 +334,14 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
     ckpt = out_dir / "last.ckpt"
     start, history = 0, []
+    metrics = out_dir / "metrics.jsonl"
     if resume and ckpt.is_file():
         meta = load_training_state(ckpt, model, optimizer, scaler)
         start, history = meta["epoch"] + 1, meta["history"]
         if is_main_process():
+            # the checkpoint holds every epoch's row: a stop after it was written but before the
+            # metrics were does not lose a line
+            write_text(metrics, "".join(json.dumps(row) + "\n" for row in history))
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
     elif resume and is_main_process():
         print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
@@ -325,8 +363,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
                   f"top1 {row['train_top1']:.2f}% | test top1 {row['test_top1']:.2f}% "
                   f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
             save_training_state(ckpt, model, optimizer, epoch, history, {"train_config": asdict(cfg)}, scaler)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     return history
