@@ -274,3 +274,18 @@ def test_shufflenet_v2_compresses():
         c = kse.compress(net, kse.KSEConfig(G=4, input_size=(3, 32, 32)))
     assert n_kse(c) > 10
     assert torch.isfinite(outputs(c, x)).all()
+
+
+def test_a_meta_device_model_is_a_clear_error(tmp_path):
+    """A model built under torch.device('meta') has shapes but no values (was a raw torch error)."""
+    from kse.models import get_model
+
+    with torch.device("meta"):
+        net = get_model("resnet20")
+    with pytest.raises(ValueError, match="cannot compress a model on the meta device \\(conv1.weight has no values\\)"):
+        kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    with pytest.raises(ValueError, match="cannot save a model on the meta device"):
+        kse.save(net, tmp_path / "m.kse")
+    with pytest.raises(ValueError, match="weight is on the meta device"):
+        kse.kse_indicator(torch.empty(8, 4, 3, 3, device="meta"))
+    assert not list(tmp_path.iterdir())

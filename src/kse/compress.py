@@ -37,7 +37,7 @@ from torch import Tensor
 from .config import KSEConfig
 from .conv import KSEConv2d, cluster_many
 from .indicator import _indicator64, centroid_counts
-from .modules import eval_mode, set_module
+from .modules import check_has_values, eval_mode, set_module
 from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
 
 
@@ -162,6 +162,7 @@ def plan(model: nn.Module, cfg: Optional[KSEConfig] = None, example: Optional[Te
         raise TypeError(f"config must be a kse.KSEConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_has_values(model, "compress")
     names = select_layers(model, cfg, example)
     if not names:
         raise ValueError(_no_eligible_message(model, cfg, example))

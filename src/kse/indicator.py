@@ -35,6 +35,8 @@ def _check_weight(weight: Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} must be a conv weight Tensor[N, C, kh, kw], got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
+    if weight.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without values); load or initialise the weights first")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name} holds NaN or Inf values; KSE needs finite weights (check the checkpoint)")
 

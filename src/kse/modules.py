@@ -17,6 +17,16 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def check_has_values(model: nn.Module, what: str) -> None:
+    """``ValueError`` if a parameter or buffer of ``model`` is on the meta device (shapes only,
+    no values): nothing can be measured or computed from it."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:
+            raise ValueError(f"cannot {what} a model on the meta device ({name} has no values); give it weights "
+                             "first: model.to_empty(device='cpu') and load_state_dict(...), or build it on a real "
+                             "device")
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode; afterwards give every submodule back its own mode

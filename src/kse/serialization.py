@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import atomic_path
 from .conv import KSEConv2d, centroid_offsets, parse_form, without_fused
-from .modules import set_module
+from .modules import check_has_values, set_module
 
 FORMAT = "kse"
 # 1: the first format; 2: adds "checksum" (always verified) and "module_versions"
@@ -490,10 +490,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
         _check_preprocess(preprocess)
     except _Malformed as exc:
         raise ValueError(f"cannot save: {exc}") from None
-    meta_tensors = [n for n, t in model.state_dict().items() if t.is_meta]
-    if meta_tensors:
-        raise ValueError(f"cannot save a model on the meta device (no values: {meta_tensors[0]}, ...); give it "
-                         "weights first (model.to_empty(device='cpu') and load a state dict)")
+    check_has_values(model, "save")
     reference = get_model(arch["name"], **arch.get("kwargs", {}))
     ref_modules = dict(reference.named_modules())
     modules: Dict[str, Any] = {}
