@@ -140,14 +140,18 @@ def test_save_needs_architecture_and_is_atomic(tmp_path, monkeypatch):
     net = get_model("resnet20")
     target = tmp_path / "keep.kse"
     target.write_bytes(b"old")
-    import kse.serialization as ser
+    import safetensors.torch
+    from safetensors import SafetensorError
 
-    def broken(*a, **k):
-        raise OSError("disk full")
+    def broken(tensors, filename, metadata=None):  # what safetensors raises on a full disk
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ser, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device") as info:
         kse.save(net, target)
+    assert info.value.errno == 28  # an OSError, which the command line reports as an expected error (exit 2)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 

@@ -17,7 +17,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Dict, Iterator, Union
 
 # this host in temporary names: on a folder shared between machines, a writer only ever
 # removes the leftovers of its own host's processes
@@ -121,3 +121,19 @@ def _naming(exc: OSError, path: Path) -> OSError:
 def write_text(path: Union[str, Path], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_safetensors(tensors: Dict[str, "torch.Tensor"], path: Union[str, Path], metadata: Dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, atomically; a failed write (a full disk) is the
+    ``OSError`` it is, naming ``path``, rather than safetensors' own exception type."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
+            if found is None:
+                raise
+            raise OSError(int(found.group(2)), found.group(1)) from None

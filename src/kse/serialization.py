@@ -41,10 +41,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from .atomic import atomic_path
+from .atomic import save_safetensors
 from .conv import KSEConv2d, centroid_offsets, parse_form, without_fused
 from .modules import check_has_values, set_module
 
@@ -517,8 +516,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "preprocess": preprocess,
             "kse_config": cfg, "modules": modules, "module_versions": versions, "extra": extra or {}}
     meta["checksum"] = checksum(meta, tensors)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"kse": json.dumps(meta)})
+    save_safetensors(tensors, path, {"kse": json.dumps(meta)})
     return Path(path)
 
 

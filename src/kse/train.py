@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_path, write_text
+from .atomic import save_safetensors, write_text
 
 
 @dataclass
@@ -252,8 +252,7 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     meta = {"epoch": epoch, "history": history, "param_groups": opt["param_groups"], "extra": extra or {}}
     if scaler is not None and scaler.is_enabled():
         meta["grad_scaler"] = {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"kse_training_state": json.dumps(meta)})
+    save_safetensors(tensors, path, {"kse_training_state": json.dumps(meta)})
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
