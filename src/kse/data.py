@@ -202,6 +202,9 @@ def get_dataset(name: str, data_dir: Optional[str] = None, train: bool = True,
     augmentation, off for the training images that BatchNorm recalibration reads."""
     info = dataset_info(name)
     augment = train if augment is None else augment
+    if input_size is not None and (not isinstance(input_size, int) or isinstance(input_size, bool)
+                                   or not 1 <= input_size <= 4096):
+        raise DatasetError(f"input_size must be an integer in [1, 4096] (the image side), got {input_size!r}")
     if data_dir and name != "fake" and not Path(data_dir).is_dir():  # not silently another copy found elsewhere
         raise DatasetError(f"--data-dir {data_dir} is not a folder; give the folder holding {name}, or leave "
                            "--data-dir out to use the default locations")
@@ -211,7 +214,7 @@ def get_dataset(name: str, data_dir: Optional[str] = None, train: bool = True,
 
     root = data_dir or os.environ.get("KSE_DATA") or os.path.expanduser("~/.cache/kse")
     if name == "fake":
-        size = input_size or info.input_size
+        size = input_size if input_size is not None else info.input_size
         info = DatasetInfo("fake", info.num_classes, 3, size, info.mean, info.std)
         ds = D.FakeData(fake_size if train else max(fake_size // 4, 8), (3, size, size), info.num_classes,
                         transform=_transforms(info, augment), random_offset=0 if train else 10_000)

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -100,6 +101,9 @@ def prune_to_macs(model: nn.Module, target_macs: float, patterns: Sequence[str],
 
     from .profile import profile
 
+    if (not isinstance(target_macs, (int, float)) or isinstance(target_macs, bool) or not math.isfinite(target_macs)
+            or target_macs <= 0):
+        raise ValueError(f"target MACs must be a finite number > 0, got {target_macs!r}")
     size = tuple(example_inputs.shape[1:])
     full = profile(model, size).macs
 

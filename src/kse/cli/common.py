@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -46,6 +47,35 @@ class CommandParser(argparse.ArgumentParser):
         self.flags[action.dest] = action
         return action
 
+    def error(self, message: str):
+        """A bad command line: one line and exit status 2, as every other expected error."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: Any) -> float:
+    """argparse type of every real-valued flag: a number that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: Any) -> int:
+    """argparse type of a size flag: an integer >= 1."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1 or (isinstance(text, float) and text != value):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+_CHECKED_TYPES = (finite_float, positive_int)
+
 
 def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], defaults: Dict[str, Any],
                 folder_out: bool = False, config: bool = True, **kwargs) -> CommandParser:
@@ -70,9 +100,9 @@ _COMMON_FLAGS = {
     "out": dict(default=None, help="output file or folder"),
     "G": dict(type=int, default=None, help="KSE groups G (>= 2; default 4)"),
     "T": dict(type=int, default=None, help="KSE shift T (>= 0; default 0)"),
-    "alpha": dict(type=float, default=None, help="entropy weight alpha (>= 0; default 1)"),
+    "alpha": dict(type=finite_float, default=None, help="entropy weight alpha (>= 0; default 1)"),
     "epochs": dict(type=int, default=None, help="number of epochs"),
-    "lr": dict(type=float, default=None, help="peak learning rate"),
+    "lr": dict(type=finite_float, default=None, help="peak learning rate"),
     "batch-size": dict(type=int, default=None, help="batch size per process"),
     "device": dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
     "seed": dict(type=int, default=None, help="random seed (default 0)"),
@@ -101,9 +131,16 @@ def resolve(args: argparse.Namespace, parser: CommandParser) -> argparse.Namespa
             raise CLIError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
         if not isinstance(cfg, dict):
             raise CLIError(f"config file {path} must hold a mapping of flag names to values")
-        for key in cfg:
-            if key.replace("-", "_") not in parser.flags:
+        for key, value in cfg.items():
+            action = parser.flags.get(key.replace("-", "_"))
+            if action is None:
                 raise CLIError(f"config file {path}: unknown key {key!r}")
+            if action.type in _CHECKED_TYPES and value is not None:  # YAML can say .nan or .inf
+                for v in value if isinstance(value, list) else [value]:
+                    try:
+                        action.type(v)
+                    except argparse.ArgumentTypeError as exc:
+                        raise CLIError(f"config file {path}: {key} {exc}") from None
     for key, value in {**parser.defaults, **{k.replace("-", "_"): v for k, v in cfg.items()}}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -124,6 +161,8 @@ def run_command(parser: CommandParser, args: argparse.Namespace) -> int:
         return 2
     except EXPECTED_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if isinstance(exc, OSError) and exc.strerror:  # without "[Errno 28]"
+            msg = exc.strerror + (f": {exc.filename}" if exc.filename else "")
         msg = " ".join(str(msg).split("\n"))  # one line, whatever the library wrote
         print(f"kse {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .common import (CLIError, add_command, add_common, at_least, check_dataset_fits, checkpoint_path,
-                     checkpoint_input_size, dataset_name, fake_input_size, kse_config, kse_layers, load_model,
-                     output_file, save_args, save_json, stage, write_model)
+                     checkpoint_input_size, dataset_name, fake_input_size, finite_float, kse_config, kse_layers,
+                     load_model, output_file, save_args, save_json, stage, write_model)
 
 
 # ----------------------------------------------------------------------------- shared with kse demo
@@ -336,7 +336,7 @@ def register(subparsers) -> None:
                                 "(--recalibrate). Writes a dense .kse file for `kse finetune`.")
     add_common(p, "checkpoint", "out", "dataset", "data-dir")
     add_recalibrate_flags(p, "default 0")
-    p.add_argument("--ratio", type=float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
-    p.add_argument("--macs", type=float, default=None, help="MAC budget of the pruned model")
+    p.add_argument("--ratio", type=finite_float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
+    p.add_argument("--macs", type=finite_float, default=None, help="MAC budget of the pruned model")
     p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
     p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .common import (CLIError, add_command, add_common, check_dataset_fits, checkpoint_path, dataset_name, parse_device,
-                     fake_input_size, kse_layers, load_model, loaders, save_args, stage, training_extension)
+                     fake_input_size, finite_float, kse_layers, load_model, loaders, save_args, stage, training_extension)
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -95,10 +95,10 @@ def register(subparsers) -> None:
                     "metrics.jsonl and OUT/model.kse.")
     add_common(p, "checkpoint", "dataset", "data-dir", "out", "epochs", "lr", "batch-size", "device", "seed")
     p.add_argument("--schedule", choices=["cosine", "multistep"], default=None, help="default: multistep (paper)")
-    p.add_argument("--milestones", type=float, nargs="+", default=None, metavar="FRAC",
+    p.add_argument("--milestones", type=finite_float, nargs="+", default=None, metavar="FRAC",
                    help="multistep: lr x0.1 at these fractions of --epochs (default 0.5, the paper's CIFAR-10 "
                         "recipe; its ImageNet one, epochs 7 and 14 of 21: 0.3333333333 0.6666666666)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-5 (paper)")
+    p.add_argument("--weight-decay", type=finite_float, default=None, help="default 1e-5 (paper)")
     p.add_argument("--official-sgd", action="store_true", default=None,
                    help="the authors' optimizer: plain momentum and weight decay on every parameter (default: "
                         "Nesterov momentum, no decay on BatchNorm and bias parameters)")

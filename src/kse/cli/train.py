@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .common import CLIError, add_command, add_common, loaders, parse_device, save_args
+from .common import CLIError, add_command, add_common, finite_float, loaders, parse_device, positive_int, save_args
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -145,8 +145,8 @@ def register(subparsers) -> None:
                    help="torchvision pretrained weights to start from (DEFAULT, IMAGENET1K_V1, ...; none: random "
                         "initialisation, the default); read from torchvision's cache, downloaded there if missing")
     p.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--weight-decay", type=finite_float, default=None)
+    p.add_argument("--warmup-epochs", type=finite_float, default=None)
     p.add_argument("--workers", type=int, default=None, help="data-loader worker processes")
     p.add_argument("--amp", action="store_true", default=None,
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
@@ -156,4 +156,4 @@ def register(subparsers) -> None:
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")
-    p.add_argument("--input-size", type=int, default=None, help="FakeData image size")
+    p.add_argument("--input-size", type=positive_int, default=None, help="FakeData image size")
