@@ -268,3 +268,20 @@ def test_layer_pickles_with_its_hooks():
     assert copy_._deploy["version"] == copy_._versions()  # rebuilt by the hook, before any forward
     with torch.no_grad():
         torch.testing.assert_close(copy_(x) - layer.bias.view(1, -1, 1, 1), 2 * (layer(x) - layer.bias.view(1, -1, 1, 1)))
+
+
+@pytest.mark.parametrize("form", ["train", "dense", "full", "split", "fused"])
+def test_unbatched_input_works_in_every_form(form):
+    """[C, H, W] as nn.Conv2d takes it (dense, split and fused raised index errors)."""
+    from kse import fused
+
+    if form == "fused" and not fused.available():
+        pytest.skip(f"no fused kernel: {fused.build_error()}")
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    layer = KSEConv2d.from_conv(conv, torch.tensor([0, 1, 2, 4, 4, 8, 16, 16])).eval().set_form(form)
+    x = torch.randn(8, 10, 10)
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=0, atol=0)
+        torch.testing.assert_close(out, layer.to_conv()(x), rtol=1e-5, atol=1e-5)
+    assert out.shape == (16, 10, 10)

@@ -462,6 +462,8 @@ class KSEConv2d(nn.Module):
         return x.requires_grad or params["centroids"].requires_grad or (bias is not None and bias.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it: the same in every form
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.form == "train" or (self.training and torch.is_grad_enabled()):
             return self._forward_train(x)  # training always rebuilds W' from the centroids
         if self._needs_grad(x):
