@@ -16,10 +16,11 @@ from kse.cli import build_parser, main
 from kse.cli.common import finite_float
 from kse.data import get_dataset
 from kse.models import get_model
-from clitools import one_thread  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(argv):
+def run_kse(argv):
     """``kse`` in process, argument errors included; returns ``(exit code, stdout, stderr)``."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -30,9 +31,9 @@ def run(argv):
     return code, out.getvalue(), err.getvalue()
 
 
-def one_error_line(argv) -> str:
+def error_line(argv) -> str:
     """The one error line of a run that must fail with status 2 (progress lines aside)."""
-    code, out, err = run(argv)
+    code, out, err = run_kse(argv)
     assert code == 2, (out, err)
     errors = [line for line in err.strip().splitlines() if ": error: " in line]
     assert len(errors) == 1 and "Traceback" not in err, err
@@ -71,13 +72,13 @@ def test_every_real_valued_flag_is_checked_for_finite_values():
 @pytest.mark.parametrize("command,flag", sorted(set(_real_flags())))
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_nan_and_inf_are_refused_on_every_real_valued_flag(command, flag, value):
-    line = one_error_line([command, f"{flag}={value}"])
+    line = error_line([command, f"{flag}={value}"])
     assert line.startswith(f"kse {command}: error: argument {flag}: must be a finite number, got '{value}'")
 
 
 def test_prune_l1_macs_nan_writes_nothing(files):
     folder, dense, _ = files
-    line = one_error_line(["prune-l1", "--checkpoint", dense, "--macs", "nan", "--out", folder / "p.kse"])
+    line = error_line(["prune-l1", "--checkpoint", dense, "--macs", "nan", "--out", folder / "p.kse"])
     assert "--macs: must be a finite number" in line and not (folder / "p.kse").exists()
     with pytest.raises(ValueError, match="target MACs must be a finite number > 0, got nan"):
         kse.filter_prune.prune_to_macs(get_model("resnet20"), float("nan"), ["*.conv1"], torch.zeros(1, 3, 16, 16))
@@ -86,14 +87,14 @@ def test_prune_l1_macs_nan_writes_nothing(files):
 def test_nan_in_a_config_file_is_refused(files, tmp_path):
     _, dense, _ = files
     (tmp_path / "c.yaml").write_text("alpha: .nan\n")
-    line = one_error_line(["compress", "--config", tmp_path / "c.yaml", "--checkpoint", dense, "--out",
+    line = error_line(["compress", "--config", tmp_path / "c.yaml", "--checkpoint", dense, "--out",
                            tmp_path / "c.kse"])
     assert line == f"kse compress: error: config file {tmp_path / 'c.yaml'}: alpha must be a finite number, got nan"
 
 
 def test_input_size_zero_is_refused_not_replaced():
     """--input-size 0 became 32 (the default) without a word."""
-    line = one_error_line(["train", "--dataset", "fake", "--input-size", "0", "--out", "unused"])
+    line = error_line(["train", "--dataset", "fake", "--input-size", "0", "--out", "unused"])
     assert line.startswith("kse train: error: argument --input-size: must be an integer >= 1, got '0'")
     with pytest.raises(ValueError, match="input_size must be an integer in \\[1, 4096\\].*got 0"):
         get_dataset("fake", input_size=0)
@@ -103,7 +104,7 @@ def test_input_size_zero_is_refused_not_replaced():
 
 
 # ----------------------------------------------------------------------------- files
-def test_an_edited_file_is_one_error_line(files, tmp_path):
+def test_an_edited_file_is_error_line(files, tmp_path):
     _, _, compressed = files
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -112,11 +113,11 @@ def test_an_edited_file_is_one_error_line(files, tmp_path):
         meta, tensors = json.loads(f.metadata()["kse"]), {k: f.get_tensor(k) for k in f.keys()}
     raw = json.dumps(meta)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
     save_file(tensors, str(tmp_path / "deep.kse"), metadata={"kse": raw})
-    line = one_error_line(["eval", "--checkpoint", tmp_path / "deep.kse"])
+    line = error_line(["eval", "--checkpoint", tmp_path / "deep.kse"])
     assert line.startswith("kse eval: error: --checkpoint: ") and "nested too deeply" in line
     meta["format_version"] = "1"
     save_file(tensors, str(tmp_path / "v.kse"), metadata={"kse": json.dumps(meta)})
-    line = one_error_line(["eval", "--checkpoint", tmp_path / "v.kse"])
+    line = error_line(["eval", "--checkpoint", tmp_path / "v.kse"])
     assert "'format_version' must be an integer >= 1, got '1'" in line and "newer" not in line
 
 
@@ -131,7 +132,7 @@ def _full_disk(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["compress", "deploy", "train"])
-def test_a_full_disk_is_one_error_line(files, tmp_path, monkeypatch, command):
+def test_a_full_disk_is_error_line(files, tmp_path, monkeypatch, command):
     _, dense, compressed = files
     argv = {"compress": ["compress", "--checkpoint", dense, "--out", tmp_path / "out.kse"],
             "deploy": ["deploy", "--checkpoint", compressed, "--out", tmp_path / "out.kse", "--batch-size", "1",
@@ -140,7 +141,7 @@ def test_a_full_disk_is_one_error_line(files, tmp_path, monkeypatch, command):
                       "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--device", "cpu", "--out",
                       tmp_path / "out"]}[command]
     _full_disk(monkeypatch)
-    line = one_error_line(argv)
+    line = error_line(argv)
     target = tmp_path / ("out/last.ckpt" if command == "train" else "out.kse")
     assert line == f"kse {command}: error: cannot write {target}: No space left on device"
     assert not target.exists()
@@ -153,6 +154,6 @@ def test_eval_of_a_model_with_non_finite_outputs_is_an_error(files, tmp_path):
     with torch.no_grad():
         model.bn1.running_mean.fill_(float("nan"))  # as a diverged run left it
     kse.save(model, tmp_path / "bad.kse")
-    line = one_error_line(["eval", "--checkpoint", tmp_path / "bad.kse", "--fake-size", "32", "--repeats", "1",
+    line = error_line(["eval", "--checkpoint", tmp_path / "bad.kse", "--fake-size", "32", "--repeats", "1",
                            "--warmup", "1"])
     assert line.startswith("kse eval: error: the model's outputs hold NaN or Inf for 8 of 8 images")
