@@ -1,7 +1,7 @@
 """The fused kernel of this tree against the one of another git revision, layer by layer, in one
-process (CPU). Both sources are compiled under their own names; each layer of a compressed
-checkpoint runs with both, on the inputs it sees in the model, in alternating rounds (the order
-reversed every round), and each keeps its best time. Outputs are compared first (1e-4 relative).
+process (CPU). Both sources (``src/kse/csrc``) are compiled under their own names and operator
+namespaces; each layer of a compressed checkpoint runs with both, on the inputs it sees in the
+model, in alternating rounds (the order reversed every round), and each keeps its best time. Outputs are compared first (1e-4 relative).
 An A/A run (``--against`` the working tree's own commit, unchanged kernel) shows the harness's
 noise. ``--against-chunk-rows R`` compares instead with this tree's kernel given chunks of R
 centroid rows (``kse.fused.chunk_rows`` chooses them). Instead of a checkpoint,
@@ -21,8 +21,10 @@ import argparse
 import fnmatch
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 
@@ -32,24 +34,41 @@ from kse.conv import KSEConv2d
 from kse.report import capture_layer_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "src" / "kse" / "csrc"
 
 
-def kernel_source(revision: str) -> str:
-    """``_SOURCE`` of ``src/kse/fused.py`` at a git revision (the C++ text between its quotes)."""
-    text = subprocess.run(["git", "show", f"{revision}:src/kse/fused.py"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
+def kernel_sources(revision: Optional[str]) -> Dict[str, str]:
+    """The C++ files of the extension (``src/kse/csrc``) at a git revision, or in the working
+    tree (``None``); for revisions from before that folder, the ``_SOURCE`` string of
+    ``src/kse/fused.py``."""
+    if revision is None:
+        return {p.name: p.read_text() for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")}
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+    names = [n for n in git("ls-tree", "--name-only", revision, "src/kse/csrc/").split() if n.endswith((".cpp", ".h"))]
+    if names:
+        return {Path(n).name: git("show", f"{revision}:{n}") for n in names}
+    text = git("show", f"{revision}:src/kse/fused.py")
     start = text.index('_SOURCE = r"""') + len('_SOURCE = r"""')
-    return text[start:text.index('"""', start)]
+    return {"fused.cpp": text[start:text.index('"""', start)]}
 
 
-def build(name: str, source: str):
-    """Compile a kernel source as its own extension and operator namespace (a process can hold
-    only one ``TORCH_LIBRARY(kse, ...)``)."""
-    from torch.utils.cpp_extension import load_inline
-    return load_inline(name=name, cpp_sources=source.replace("TORCH_LIBRARY(kse,", f"TORCH_LIBRARY({name},"),
-                       is_python_module=True, no_implicit_headers=True,
-                       extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"])
+def build(name: str, files: Dict[str, str]):
+    """Compile kernel sources as their own extension and operator namespace ``name`` (a process
+    can hold only one ``TORCH_LIBRARY(kse, ...)``); the module's ``fused_conv`` runs the kernel."""
+    from torch.utils.cpp_extension import load
+
+    folder = Path(tempfile.mkdtemp(prefix=name))
+    for file, text in files.items():
+        text = (text.replace("TORCH_LIBRARY(kse,", f"TORCH_LIBRARY({name},")
+                .replace("TORCH_LIBRARY_IMPL(kse,", f"TORCH_LIBRARY_IMPL({name},")
+                .replace('"kse::', f'"{name}::').replace('m.set_python_module("kse.ops");', ""))
+        (folder / file).write_text(text)
+    return load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))], extra_include_paths=[str(folder)],
+                is_python_module=True, extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+                extra_ldflags=["-fopenmp"])
 
 
 def best_of(fn, x, repeats: int) -> float:
@@ -81,14 +100,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    this = build("kse_ab_this", fused._SOURCE)
+    this = build("kse_ab_this", kernel_sources(None))
     if args.against_chunk_rows is not None:
         rev = f"chunk_rows={args.against_chunk_rows}"
         kernels = {"this": this, "against": this}
     else:
         rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout.strip()
-        kernels = {"this": this, "against": build(f"kse_ab_{rev}", kernel_source(rev))}
+        kernels = {"this": this, "against": build(f"kse_ab_{rev}", kernel_sources(rev))}
     torch.manual_seed(0)
     if args.resnet50:
         import torchvision

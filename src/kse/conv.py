@@ -445,9 +445,11 @@ class KSEConv2d(nn.Module):
         """Rebuild the cached inference tensors if the parameters may have changed since they were
         made: an in-place update, or any optimizer step. Updates through ``.data`` outside an
         optimizer are invisible: call :meth:`set_form` after them."""
-        if self.form != "train" and self._deploy.get("version") != self._versions():
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-                return  # parameters are stand-ins there: the cached tensors are what gets recorded
+        # compiling or exporting, parameters are stand-ins: the cached tensors are what gets recorded
+        # (asked first: torch.compile cannot compare version counters without a graph break)
+        if self.form == "train" or torch.compiler.is_compiling():
+            return
+        if self._deploy.get("version") != self._versions() and not torch.compiler.is_exporting():
             self.set_form(self.form)
 
     def _needs_grad(self, x: Tensor) -> bool:
