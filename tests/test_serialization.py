@@ -401,6 +401,13 @@ def test_a_flipped_bit_is_a_checksum_error(compressed_file, tmp_path):
         kse.load(rewrite(compressed_file, tmp_path / "strip.kse", strip, sign=False))
 
 
+def test_the_checksum_holds_for_any_json_extra(tmp_path):
+    """Integer keys and tuples become strings and lists in JSON: the checksum is of what load reads."""
+    net = get_model("resnet20", num_classes=3).eval()
+    back = kse.load(kse.save(net, tmp_path / "x.kse", extra={1: (2, 3), "b": {"c": None}}))
+    assert back.kse_extra == {"1": [2, 3], "b": {"c": None}}
+
+
 def test_files_of_format_1_load_without_a_checksum(compressed_file, tmp_path):
     """Format 1 (the committed checkpoints/*.kse) was written before the checksum."""
     def as_format_1(meta, tensors):

@@ -515,6 +515,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     cfg = getattr(model, "kse_config", None)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "preprocess": preprocess,
             "kse_config": cfg, "modules": modules, "module_versions": versions, "extra": extra or {}}
+    meta = json.loads(json.dumps(meta))  # as load will read it (tuples become lists, keys strings)
     meta["checksum"] = checksum(meta, tensors)
     save_safetensors(tensors, path, {"kse": json.dumps(meta)})
     return Path(path)
