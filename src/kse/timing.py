@@ -36,9 +36,9 @@ def time_interleaved(fns: Sequence[Callable[[Tensor], Any]], x: Tensor, rounds: 
     round's median (``median_ms``) and every round's (``rounds_ms``).
 
     Interleaving makes slow drift hit every callable alike, and the best round keeps bursts of
-    load from outside the process out of the figures: on a shared 2-core machine the dense
-    ResNet-56 at batch 1 ran at 6.3 ms or, for seconds at a time, at 15 ms, and not every
-    kernel slows alike, so such bursts change ratios too.
+    load from outside the process out of the figures: on a shared machine a model can run
+    more than twice as slowly for seconds at a time, and not every kernel slows alike, so such
+    bursts change ratios too.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
