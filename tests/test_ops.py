@@ -113,15 +113,31 @@ def test_sources_are_real_files_shipped_as_package_data():
 
 
 def test_build_name_is_a_hash_of_the_sources(tmp_path, monkeypatch):
+    here = ops.build_name()
     copy = tmp_path / "csrc"
     shutil.copytree(ops.CSRC, copy)
     monkeypatch.setattr(ops, "CSRC", copy)
     name = ops.build_name()
     assert name.startswith("kse_ops_") and len(name) == len("kse_ops_") + 16
-    assert ops.build_name() == name  # the same sources, the same name (the cached build is reused)
+    assert name == here  # the same sources elsewhere (another checkout), the same name
     with open(copy / "kse.h", "a") as f:  # a header counts too
         f.write("\n")
     assert ops.build_name() != name
+
+
+def test_the_build_compiles_copies_that_do_not_change_with_the_checkout(tmp_path):
+    # torch's JIT build rebuilds when the same name is loaded from sources at another path: the
+    # sources are copied into the build folder, and written only where their content differs
+    files = ops._copy_sources(tmp_path / "csrc")
+    assert sorted(p.name for p in files) == sorted(p.name for p in ops.sources() + sorted(ops.CSRC.glob("*.h")))
+    assert all(p.read_bytes() == (ops.CSRC / p.name).read_bytes() for p in files)
+    stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    (tmp_path / "csrc" / "ops.cpp").write_text("// edited")
+    ops._copy_sources(tmp_path / "csrc")
+    assert {p.name: p.stat().st_mtime_ns for p in files if p.name != "ops.cpp"} == {
+        n: t for n, t in stamps.items() if n != "ops.cpp"}
+    assert (tmp_path / "csrc" / "ops.cpp").read_bytes() == (ops.CSRC / "ops.cpp").read_bytes()
+    assert not list((tmp_path / "csrc").glob(".*.tmp"))
 
 
 # ----------------------------------------------------------------------------- opcheck

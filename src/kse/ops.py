@@ -88,12 +88,32 @@ def sources() -> List[Path]:
 
 def build_name() -> str:
     """The extension's name: ``kse_ops_`` and a hash of the sources (headers included), the
-    compiler flags and the torch version."""
+    compiler flags, the torch version and the build's layout."""
     digest = hashlib.sha256()
     for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    digest.update(b"compiled from copies in the build folder")  # how the build is laid out (_copy_sources)
     return "kse_ops_" + digest.hexdigest()[:16]
+
+
+def _copy_sources(folder: Path) -> List[Path]:
+    """The sources, copied into the build folder (a file is written only where its content
+    differs, so that ninja sees unchanged sources as unchanged).
+
+    NOTE: compiled from there rather than from ``kse/csrc``: the build name is a hash of the
+    content, and torch's JIT build would rebuild (and bump the name) whenever the same build is
+    loaded from sources at another path, e.g. from two checkouts of the repository."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in sources() + sorted(CSRC.glob("*.h")):
+        data, copy = path.read_bytes(), folder / path.name
+        if not copy.is_file() or copy.read_bytes() != data:
+            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, copy)  # processes building at once write the same bytes
+        copies.append(copy)
+    return copies
 
 
 def _build():
@@ -115,9 +135,13 @@ def _build():
         log = logging.getLogger("torch.utils.cpp_extension")
         log.addFilter(no_cuda_note)
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import _get_build_directory, load
 
-            module = load(name=build_name(), sources=[str(p) for p in sources()], extra_include_paths=[str(CSRC)],
+            name = build_name()
+            folder = Path(_get_build_directory(name, False))
+            files = _copy_sources(folder / "csrc")
+            module = load(name=name, sources=[str(p) for p in files if p.suffix == ".cpp"],
+                          extra_include_paths=[str(folder / "csrc")], build_directory=str(folder),
                           extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, with_cuda=False, is_python_module=True,
                           verbose=False)
             _register()
