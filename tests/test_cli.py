@@ -64,8 +64,8 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: kse {command}" in capsys.readouterr().out
 
 
-ALL_COMMANDS = ["train", "models", "analyze", "compress", "prune-l1", "explain", "finetune", "eval", "bench", "deploy",
-                "export", "demo"]
+ALL_COMMANDS = ["train", "models", "analyze", "compress", "prune-l1", "prune", "explain", "finetune", "eval", "bench",
+                "deploy", "export", "demo"]
 
 
 def test_parser_registers_every_command_and_the_docstring_lists_them():

@@ -202,7 +202,8 @@ def _log(verbose: bool, msg: str) -> None:
 
 
 def build_layers(model: nn.Module, plans: List[LayerPlan], config: Optional[KSEConfig] = None,
-                 verbose: bool = False) -> Dict[str, KSEConv2d]:
+                 verbose: bool = False, clusters: Optional[dict] = None,
+                 seed_index: Optional[Dict[str, int]] = None) -> Dict[str, KSEConv2d]:
     """The :class:`~kse.conv.KSEConv2d` that replaces each planned layer (k-means of its kernels
     with ``plan.counts`` centroids per input channel); the model is not changed.
 
@@ -210,6 +211,9 @@ def build_layers(model: nn.Module, plans: List[LayerPlan], config: Optional[KSEC
     with centroid counts chosen another way). Layer i of ``plans`` draws its k-means++ numbers
     from a generator seeded with ``(config.seed, i)``: a layer's clusters depend neither on the
     other layers nor on how the work is batched and shared out (see ``cluster_many``).
+    ``seed_index`` gives a layer another i (its position among the layers of a full plan when
+    ``plans`` holds some of them); ``clusters`` caches the k-means results by ``(i, counts)``
+    across calls (a budget search builds several candidates).
     """
     cfg = config if config is not None else KSEConfig()
     convs = [model.get_submodule(p.name) for p in plans]
@@ -218,12 +222,17 @@ def build_layers(model: nn.Module, plans: List[LayerPlan], config: Optional[KSEC
             KSEConv2d._check_conv(conv)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {p.name!r}: {exc}") from None
-    jobs = [(conv.weight, p.counts, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
-            for i, (p, conv) in enumerate(zip(plans, convs))]
-    clusters = cluster_many(jobs, cfg.kmeans_iters, cfg.n_init, map_fn=_map_layers)
+    index = [seed_index[p.name] if seed_index is not None else i for i, p in enumerate(plans)]
+    keys = [(i, tuple(p.counts.tolist())) for i, p in zip(index, plans)]
+    cache = clusters if clusters is not None else {}
+    todo = [j for j, key in enumerate(keys) if key not in cache]
+    jobs = [(convs[j].weight, plans[j].counts, torch.Generator().manual_seed(cfg.seed * 100_003 + index[j]))
+            for j in todo]
+    for j, found in zip(todo, cluster_many(jobs, cfg.kmeans_iters, cfg.n_init, map_fn=_map_layers)):
+        cache[keys[j]] = found
     new: Dict[str, KSEConv2d] = {}
-    for i, (p, conv, found) in enumerate(zip(plans, convs, clusters)):
-        new[p.name] = KSEConv2d.from_clusters(conv, p.counts, *found).train(conv.training)
+    for i, (p, conv, key) in enumerate(zip(plans, convs, keys)):
+        new[p.name] = KSEConv2d.from_clusters(conv, p.counts, *cache[key]).train(conv.training)
         _log(verbose, f"kse: [{i + 1}/{len(plans)}] {p.name}: kept {p.kept}/{p.in_channels}, "
                       f"{p.centroids} centroids")
     return new
@@ -250,10 +259,31 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
     plans = plan(model, cfg, example)
     _log(verbose, f"kse: scored {len(plans)} layers in {time.time() - t0:.1f}s")
 
-    new = build_layers(model, plans, cfg, verbose)
+    if cfg.target() is not None:
+        from .budget import fit_to_target_
+
+        plans = fit_to_target_(model, cfg, plans, example, verbose)
+    else:
+        new, final = build_replacements(model, plans, cfg, example, verbose)
+        swap_in(model, new, final, example)
+    model.kse_config = cfg.to_dict()
+    _log(verbose, f"kse: done in {time.time() - t0:.1f}s")
+    return plans
+
+
+def build_replacements(model: nn.Module, plans: List[LayerPlan], cfg: KSEConfig, example: Tensor,
+                       verbose: bool = False, clusters: Optional[dict] = None, graph=None,
+                       seed_index: Optional[Dict[str, int]] = None):
+    """The modules that replace the model's, nothing changed yet: ``(new, final)``, the KSE
+    layers alone (:func:`build_layers`; ``clusters`` and ``seed_index`` go to it) and with
+    dead channels removed (``final`` also holds shrunk producers and BatchNorms). ``graph`` is
+    a :class:`kse.prune.ChannelGraph` already traced for ``model``."""
+    new: Dict[str, nn.Module] = dict(build_layers(model, plans, cfg, verbose, clusters, seed_index))
     final = dict(new)
     if cfg.remove_dead_channels:
-        removal = find_dead_channels(model, {p.name: p.counts for p in plans}, example, cfg.channel_multiple)
+        counts = {p.name: p.counts for p in plans}
+        removal = (graph.dead_channels(counts, cfg.channel_multiple) if graph is not None
+                   else find_dead_channels(model, counts, example, cfg.channel_multiple))
         for name, rm in removal.items():
             module = final.get(name, model.get_submodule(name))
             if isinstance(module, KSEConv2d):
@@ -269,7 +299,14 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
         n_removed = sum(len(rm["out"]) for name, rm in removal.items()
                         if isinstance(model.get_submodule(name), nn.Conv2d))
         _log(verbose, f"kse: {n_removed} dead output channels to remove in {len(removal)} modules")
+    return new, final
 
+
+def swap_in(model: nn.Module, new: Dict[str, nn.Module], final: Dict[str, nn.Module], example: Tensor
+            ) -> Dict[str, nn.Module]:
+    """Put the replacements into ``model``; returns the modules they replaced. ``final`` is
+    used unless the removal of dead channels changed the outputs (then ``new``, with a
+    warning). On any failure the model is left as it was."""
     originals = {name: model.get_submodule(name) for name in final}
     try:
         for name, module in new.items():
@@ -291,9 +328,7 @@ def compress_(model: nn.Module, config: Optional[KSEConfig] = None, example_inpu
         for name, module in originals.items():
             set_module(model, name, module)
         raise
-    model.kse_config = cfg.to_dict()
-    _log(verbose, f"kse: done in {time.time() - t0:.1f}s")
-    return plans
+    return originals
 
 
 def _outputs(model: nn.Module, example: Tensor) -> Tensor:

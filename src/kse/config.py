@@ -6,13 +6,15 @@ Example::
     >>> cfg = KSEConfig(G=5, T=1, exclude=["fc", "*.downsample.*"])
     >>> KSEConfig.from_dict(cfg.to_dict()) == cfg
     True
+    >>> KSEConfig(target_macs="40M").target()   # a budget: G and T are searched (kse.budget)
+    ('macs', 40000000.0)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -21,6 +23,12 @@ from .indicator import check_groups_and_shift
 FilterFn = Callable[[nn.Module, str], bool]
 SCORES = ("kse", "sparsity", "entropy")
 ENTROPY_LAYOUTS = ("paper", "official")
+# budget fields and the quantity each one bounds (see kse.budget)
+TARGET_FIELDS = {"target_macs": "macs", "target_params": "params", "target_bytes": "bytes",
+                 "target_latency_ms": "latency_ms"}
+Target = Optional[Union[float, str]]
+ALLOCATIONS = ("auto", "global", "per-layer")
+_BUDGET_DEFAULTS = {**{name: None for name in TARGET_FIELDS}, "latency_batch": 1, "allocation": "auto"}
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
@@ -54,6 +62,17 @@ class KSEConfig:
             (8: widths the CPU/GPU kernels handle well; 1: remove every dead channel).
         input_size: ``(C, H, W)`` used to trace the model for dead-channel removal; default:
             the model's recorded preprocessing, else ``(C_in, 64, 64)``.
+        target_macs, target_params, target_bytes, target_latency_ms: a budget for the
+            compressed model, at most one of them: MACs, parameters, stored bytes (as
+            :func:`kse.profile` counts them) or latency in ms at batch ``latency_batch`` on this
+            machine. A positive number, a string with a unit (``"40M"``, ``"300K"``, ``"1MiB"``,
+            ``"3ms"``) or a ratio to the input model (``"2.5x"``: 2.5 times smaller / faster).
+            With a target, ``G`` and ``T`` are not used: :mod:`kse.budget` searches them.
+        latency_batch: batch size at which ``target_latency_ms`` is measured.
+        allocation: how a target is met: ``"auto"`` (one global G/T as the paper when one is
+            within 2% of the target, else a per-layer choice), ``"global"`` (the paper's rule
+            only: the global setting nearest the target from below, however far) or
+            ``"per-layer"`` (the per-layer choice only).
         filter_fn: optional ``fn(module, name) -> bool``; a layer is compressed only when it
             returns True (not serialised).
     """
@@ -73,6 +92,12 @@ class KSEConfig:
     remove_dead_channels: bool = True
     channel_multiple: int = 8
     input_size: Optional[Tuple[int, int, int]] = None
+    target_macs: Target = None
+    target_params: Target = None
+    target_bytes: Target = None
+    target_latency_ms: Target = None
+    latency_batch: int = 1
+    allocation: str = "auto"
     filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +114,7 @@ class KSEConfig:
         if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
                 or not math.isfinite(self.alpha) or self.alpha < 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
-        for name, allowed in (("score", SCORES), ("entropy_layout", ENTROPY_LAYOUTS)):
+        for name, allowed in (("score", SCORES), ("entropy_layout", ENTROPY_LAYOUTS), ("allocation", ALLOCATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         for name in ("include", "exclude"):
@@ -104,15 +129,41 @@ class KSEConfig:
             if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
                 raise ValueError(f"input_size must be (C, H, W) of positive integers, got {self.input_size!r}")
             self.input_size = size
+        self._check_targets()
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be callable as fn(module, name), got {type(self.filter_fn).__name__}")
 
+    def _check_targets(self) -> None:
+        from .budget import parse_target
+
+        given = [name for name in TARGET_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one budget target, got {', '.join(given)}; keep the one that matters")
+        for name in given:
+            setattr(self, name, parse_target(getattr(self, name), TARGET_FIELDS[name], name))
+        _int_at_least("latency_batch", self.latency_batch, 1)
+        if self.latency_batch != 1 and self.target_latency_ms is None:
+            raise ValueError(f"latency_batch={self.latency_batch} applies to a latency budget only; "
+                             "give target_latency_ms too, or leave latency_batch at 1")
+
+    def target(self) -> Optional[Tuple[str, Union[float, str]]]:
+        """``(quantity, value)`` of the budget (``"macs"``, ``"params"``, ``"bytes"`` or
+        ``"latency_ms"``; a number, or a ratio such as ``"2.5x"``), or None without one."""
+        for name, quantity in TARGET_FIELDS.items():
+            if getattr(self, name) is not None:
+                return quantity, getattr(self, name)
+        return None
+
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-able dict (``filter_fn`` is not included)."""
+        """Plain JSON-able dict (``filter_fn`` is not included; the budget fields only when set,
+        so that a compression without a budget is recorded as before they existed)."""
         d = asdict(self)
         d.pop("filter_fn")
         if d["input_size"] is not None:
             d["input_size"] = list(d["input_size"])
+        for name, default in _BUDGET_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod

@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -58,79 +59,117 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
         ``{module_name: {"out": channels, "in": channels}}``: output channels to remove from
         convolutions / BatchNorms, and input channels to remove from KSE layers.
     """
-    import torch_pruning as tp
-    from torch_pruning import ops as tp_ops
+    graph = ChannelGraph.build(model, example_inputs)
+    return graph.dead_channels(counts, channel_multiple) if graph is not None else {}
 
-    names = {m: n for n, m in model.named_modules()}
-    try:  # Torch-Pruning's part: the graph and the pruning group of every producer
-        with eval_mode(model):
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        producers = [m for m in model.modules()
-                     if type(m) is nn.Conv2d and m.groups == 1 and m in graph.module2node]
-        groups = [(m, graph.get_pruning_group(m, tp.prune_conv_out_channels, idxs=list(range(m.out_channels))))
-                  for m in producers]
-    except Exception as exc:  # noqa: BLE001 - a graph Torch-Pruning cannot map: remove nothing, say so
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        warnings.warn(f"dead channels not removed: Torch-Pruning could not map this model's graph "
-                      f"({type(exc).__name__}: {first}); the compressed model computes the same function "
-                      "with zero kernels for them (a smaller speed-up); remove_dead_channels=False skips "
-                      "this step", RuntimeWarning, stacklevel=2)
-        return {}
 
-    removal: Removal = defaultdict(lambda: {"out": set(), "in": set()})
-    seen_groups: Set[Tuple] = set()
-    for producer, group in groups:
-        key = tuple(sorted((str(names.get(it.dep.target.module, id(it.dep.target.module))), it.dep.handler.__name__,
-                            tuple(int(i) for i in it.idxs)) for it in group.items))
-        if key in seen_groups:
-            continue
-        seen_groups.add(key)
-        blocked: Set[int] = set()  # root channels that some item still needs
-        plan: List[Tuple[str, str, List[Tuple[int, int]]]] = []
-        for item in group.items:
-            target, handler = item.dep.target.module, item.dep.handler.__name__
-            pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)]
-            roots = {r for _, r in pairs}
-            node = graph.module2node.get(target)
-            if handler == "prune_out_channels" and node is not None and not node.outputs:
-                blocked |= roots  # this output is the network's output: always read
+class ChannelGraph:
+    """Who reads each producer's output channels, traced once; :meth:`dead_channels` then
+    answers for any centroid counts without tracing again (a budget search asks for many).
+
+    Build it with :meth:`build` (``None`` when Torch-Pruning cannot map the graph, with a
+    RuntimeWarning saying so)."""
+
+    def __init__(self, groups: List[dict]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: Tensor) -> Optional["ChannelGraph"]:
+        import torch_pruning as tp
+        from torch_pruning import ops as tp_ops
+
+        names = {m: n for n, m in model.named_modules()}
+        try:  # Torch-Pruning's part: the graph and the pruning group of every producer
+            with eval_mode(model):
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            producers = [m for m in model.modules()
+                         if type(m) is nn.Conv2d and m.groups == 1 and m in graph.module2node]
+            groups = [(m, graph.get_pruning_group(m, tp.prune_conv_out_channels, idxs=list(range(m.out_channels))))
+                      for m in producers]
+        except Exception as exc:  # noqa: BLE001 - a graph Torch-Pruning cannot map: remove nothing, say so
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(f"dead channels not removed: Torch-Pruning could not map this model's graph "
+                          f"({type(exc).__name__}: {first}); the compressed model computes the same function "
+                          "with zero kernels for them (a smaller speed-up); remove_dead_channels=False skips "
+                          "this step", RuntimeWarning, stacklevel=3)
+            return None
+
+        summaries: List[dict] = []
+        seen_groups: Set[Tuple] = set()
+        for producer, group in groups:
+            key = tuple(sorted((str(names.get(it.dep.target.module, id(it.dep.target.module))),
+                                it.dep.handler.__name__, tuple(int(i) for i in it.idxs)) for it in group.items))
+            if key in seen_groups:
                 continue
-            if isinstance(target, (tp_ops._ConcatOp, tp_ops._SplitOp)):
-                continue  # Torch-Pruning maps the channel indices through these
-            if isinstance(target, tp_ops._ElementWiseOp):
-                if _op_name(target) not in _CHANNELWISE_OPS:
-                    blocked |= roots
-                continue
-            name = names.get(target)
-            if type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_out_channels":
-                plan.append((name, "out", pairs))
-            elif type(target) is nn.BatchNorm2d and handler == "prune_out_channels":
-                plan.append((name, "out", pairs))
-            elif type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_in_channels" and name in counts:
-                q = counts[name]
-                blocked |= {r for i, r in pairs if i >= len(q) or int(q[i]) != 0}
-                plan.append((name, "in", pairs))
-            else:  # a Linear, the network output, another op (reshape, slice, pad ...): keep
-                blocked |= roots
-        if channel_multiple > 1:
-            blocked |= _roots_to_keep_for_width(producer.out_channels, plan, blocked, names.get(producer),
-                                                channel_multiple)
-        for name, kind, pairs in plan:
-            chosen = {i for i, r in pairs if r not in blocked}
-            if chosen:
-                removal[name][kind] |= chosen
-    return {n: v for n, v in removal.items() if v["out"] or v["in"]}
+            seen_groups.add(key)
+            width = producer.out_channels
+            blocked = np.zeros(width, dtype=bool)  # root channels that some item always needs
+            outs: List[Tuple[str, np.ndarray, np.ndarray]] = []  # (module, its channels, their roots)
+            readers: List[Tuple[str, np.ndarray, np.ndarray]] = []  # plain convs: KSE readers if compressed
+            for item in group.items:
+                target, handler = item.dep.target.module, item.dep.handler.__name__
+                idx = np.asarray([int(i) for i in item.idxs], dtype=np.int64)
+                roots = np.asarray([int(r) for r in item.root_idxs], dtype=np.int64)
+                node = graph.module2node.get(target)
+                if handler == "prune_out_channels" and node is not None and not node.outputs:
+                    blocked[roots] = True  # this output is the network's output: always read
+                    continue
+                if isinstance(target, (tp_ops._ConcatOp, tp_ops._SplitOp)):
+                    continue  # Torch-Pruning maps the channel indices through these
+                if isinstance(target, tp_ops._ElementWiseOp):
+                    if _op_name(target) not in _CHANNELWISE_OPS:
+                        blocked[roots] = True
+                    continue
+                name = names.get(target)
+                if type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_out_channels":
+                    outs.append((name, idx, roots))
+                elif type(target) is nn.BatchNorm2d and handler == "prune_out_channels":
+                    outs.append((name, idx, roots))
+                elif type(target) is nn.Conv2d and target.groups == 1 and handler == "prune_in_channels":
+                    readers.append((name, idx, roots))
+                else:  # a Linear, the network output, another op (reshape, slice, pad ...): keep
+                    blocked[roots] = True
+            summaries.append({"producer": names.get(producer), "width": width, "blocked": blocked,
+                              "outs": outs, "readers": readers})
+        return cls(summaries)
+
+    def dead_channels(self, counts: Dict[str, Tensor], channel_multiple: int = 1) -> Removal:
+        """What :func:`find_dead_channels` answers for ``counts`` (the layers to compress)."""
+        q_of = {name: torch.as_tensor(q).cpu().numpy() for name, q in counts.items()}
+        removal: Removal = defaultdict(lambda: {"out": set(), "in": set()})
+        for g in self.groups:
+            blocked = g["blocked"].copy()
+            plan = [(name, "out", idx, roots) for name, idx, roots in g["outs"]]
+            for name, idx, roots in g["readers"]:
+                q = q_of.get(name)
+                if q is None:  # read by a layer that stays dense
+                    blocked[roots] = True
+                    continue
+                reads = idx >= len(q)
+                reads[~reads] = q[idx[~reads]] != 0
+                blocked[roots[reads]] = True
+                plan.append((name, "in", idx, roots))
+            if channel_multiple > 1:
+                blocked[_roots_to_keep_for_width(g["width"], plan, blocked, g["producer"], channel_multiple)] = True
+            for name, kind, idx, roots in plan:
+                chosen = idx[~blocked[roots]]
+                if len(chosen):
+                    removal[name][kind] |= set(chosen.tolist())
+        return {n: v for n, v in removal.items() if v["out"] or v["in"]}
 
 
-def _roots_to_keep_for_width(width: int, plan, blocked: Set[int], producer: str, multiple: int) -> Set[int]:
+def _roots_to_keep_for_width(width: int, plan, blocked: np.ndarray, producer: str, multiple: int) -> List[int]:
     """Removable producer channels to keep so that ``width - removed`` stays a multiple of
     ``multiple`` (the highest-numbered ones; none when ``width`` is not a multiple itself)."""
     if width % multiple:
-        return set()
-    removable = sorted({r for name, kind, pairs in plan if name == producer and kind == "out"
-                        for _, r in pairs} - blocked)
+        return []
+    own = np.zeros(width, dtype=bool)
+    for name, kind, _, roots in plan:
+        if name == producer and kind == "out":
+            own[roots] = True
+    removable = np.nonzero(own & ~blocked)[0]
     extra = (-(width - len(removable))) % multiple
-    return set(removable[len(removable) - extra:]) if extra else set()
+    return removable[len(removable) - extra:].tolist() if extra else []
 
 
 def shrink_batchnorm(bn: nn.BatchNorm2d, remove: Iterable[int]) -> nn.BatchNorm2d:

@@ -5,6 +5,7 @@
     kse analyze   per-layer KSE plan of a checkpoint (indicator, channels kept, centroids)
     kse compress  KSE-compress a checkpoint
     kse prune-l1  L1-norm filter pruning (Li et al. 2017), the baseline KSE is compared to
+    kse prune     filter pruning peers: L1 uniform or Torch-Pruning's global group-magnitude pruning
     kse explain   what the KSE indicator says about each feature map, tested on real images
     kse finetune  fine-tune the centroids of a compressed checkpoint
     kse eval      accuracy, size, MACs and CPU latency of a checkpoint
@@ -27,7 +28,7 @@ CPU), wrap the model in DistributedDataParallel, and only rank 0 writes files
 Layout: :mod:`kse.cli.common` holds the parser class, the shared flags, ``--config``
 resolution, the error handling and the helpers commands share (loading checkpoints and data,
 ``--out`` checks); each command group is one module with a ``register(subparsers)`` function
-(``train``, ``models``, ``compress``: analyze / compress / prune-l1, ``finetune``,
+(``train``, ``models``, ``compress``: analyze / compress / prune-l1 / prune, ``finetune``,
 ``explain``, ``evaluate``: eval / bench, ``deploy``: deploy / export, ``demo``). A new command is a module
 whose ``register`` calls :func:`kse.cli.common.add_command`, and one entry in ``COMMANDS``.
 The modules parse arguments, call the library and print; training, distributed and export

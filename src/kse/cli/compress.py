@@ -1,5 +1,7 @@
-"""``kse analyze`` (the per-layer KSE plan), ``kse compress`` (KSE) and ``kse prune-l1`` (the
-L1-norm filter pruning baseline): commands that read a checkpoint and plan or shrink it."""
+"""``kse analyze`` (the per-layer KSE plan), ``kse compress`` (KSE, to G/T or to a budget),
+``kse prune-l1`` (the L1-norm filter pruning baseline) and ``kse prune`` (L1 uniform or
+Torch-Pruning's global group-magnitude pruning): commands that read a checkpoint and plan or
+shrink it."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def compress_model(model: torch.nn.Module, args: argparse.Namespace, path: Path)
     from ..profile import profile
 
     size = checkpoint_input_size(model, path)
-    cfg = kse_config(args, size)
+    cfg = _with_target(kse_config(args, size), args)
     before = profile(model, size)
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(cfg.seed))
     try:
@@ -30,8 +32,46 @@ def compress_model(model: torch.nn.Module, args: argparse.Namespace, path: Path)
     except ValueError as exc:
         hint = (" (the checkpoint is already KSE-compressed; compress its dense baseline instead)"
                 if kse_layers(model) else "")
-        raise CLIError(f"{exc}{hint}") from None
+        text = str(exc)
+        for field, flag in _TARGET_FLAGS:  # a budget error names the library's field: name the flag
+            text = text.replace(f"{field}=", f"{flag} ")
+        raise CLIError(f"{text}{hint}") from None
     return plans, before, profile(model, size)
+
+
+# budget flags: (KSEConfig field, flag)
+_TARGET_FLAGS = (("target_macs", "--target-macs"), ("target_params", "--target-params"),
+                 ("target_bytes", "--target-size"), ("target_latency_ms", "--target-latency"))
+
+
+def _with_target(cfg, args: argparse.Namespace):
+    """``cfg`` with the budget of ``--target-*`` (``--latency-batch``, ``--allocation``), if any
+    (commands without budget flags, such as ``kse demo``, get ``cfg`` back)."""
+    import dataclasses
+
+    if not hasattr(args, "target_macs"):
+        return cfg
+    given = {field: (flag, getattr(args, flag[2:].replace("-", "_"), None)) for field, flag in _TARGET_FLAGS}
+    given = {field: (flag, value) for field, (flag, value) in given.items() if value is not None}
+    batch, allocation = args.latency_batch, args.allocation
+    if len(given) > 1:
+        raise CLIError(f"give at most one of {', '.join(flag for _, flag in _TARGET_FLAGS)}; got "
+                       f"{', '.join(flag for flag, _ in given.values())}")
+    if batch is not None and "target_latency_ms" not in given:
+        raise CLIError("--latency-batch applies to --target-latency only (the batch at which latency is measured)")
+    if allocation is not None and not given:
+        raise CLIError("--allocation applies to a budget only (--target-macs, --target-params, --target-size, "
+                       "--target-latency)")
+    if not given:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **{f: v for f, (_, v) in given.items()},
+                                   latency_batch=batch if batch is not None else 1, allocation=allocation or "auto")
+    except (ValueError, TypeError) as exc:
+        text = str(exc)  # the library names the field: name the flag
+        for field, flag in (*_TARGET_FLAGS, ("latency_batch", "--latency-batch")):
+            text = text.replace(field, flag)
+        raise CLIError(text) from None
 
 
 # ----------------------------------------------------------------------------- BatchNorm recalibration
@@ -221,7 +261,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     path = checkpoint_path(args)
     out = output_file(args, path, "the compressed .kse file to write")
-    kse_config(args)
+    _with_target(kse_config(args), args)  # bad flags fail before the model is read
     model = load_model(path)
     data = recalibration_loader(model, args, path)
     plans, before, after = compress_model(model, args, path)
@@ -230,11 +270,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     extra.pop("recalibrated", None)  # the statistics change: an earlier recalibration no longer holds
     if data is not None:
         extra["recalibrated"] = recalibrate(model, data, args, "compress")
+    budget = getattr(model, "kse_budget", None)
+    if budget is not None:
+        extra["budget"] = budget
     write_model(args, model, out, extra)
     print_layer_table(layer_summary(plans), planned=True)
     print()
     print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
     print_recalibrated(extra.get("recalibrated") if data is not None else None)
+    if budget is not None:
+        print(budget["line"])
     print(f"wrote {out}")
     return 0
 
@@ -288,6 +333,57 @@ def cmd_prune_l1(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- prune
+_PRUNE_NAMES = {"l1": "L1 filter pruning (uniform)", "tp-global": "Torch-Pruning global group-magnitude pruning"}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..budget import parse_target, resolve_target
+    from ..filter_prune import l1_prune_, prune_to_macs, tp_global_prune_
+    from ..profile import profile
+
+    path = checkpoint_path(args)
+    out = output_file(args, path, "the pruned .kse file to write")
+    targets = [f for f, v in (("--ratio", args.ratio), ("--macs", args.macs), ("--match", args.match)) if v is not None]
+    if len(targets) != 1:
+        raise CLIError("give exactly one of --ratio (fraction of filters to remove), --macs (a MAC budget such as "
+                       f"40M or 2x) or --match (a .kse file whose MACs to match); got {', '.join(targets) or 'none'}")
+    macs = parse_target(args.macs, "macs", "--macs") if args.macs is not None else None
+    model = load_model(path)
+    if kse_layers(model):
+        raise CLIError(f"{path} is KSE-compressed; filter pruning starts from a dense baseline")
+    size = checkpoint_input_size(model, path)
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    before = profile(model, size)
+    try:
+        if args.ratio is not None:
+            prune_ = l1_prune_ if args.method == "l1" else tp_global_prune_
+            removed, ratio = prune_(model, args.ratio, args.layers, example), args.ratio
+        else:
+            target = resolve_target(macs, before.macs) if macs is not None else None
+            if args.match is not None:
+                other = Path(args.match)
+                if not other.is_file():
+                    raise CLIError(f"--match: file not found: {other}")
+                matched = load_model(other, "--match")
+                target = profile(matched, checkpoint_input_size(matched, other)).macs
+            stage("prune", f"searching the pruning ratio for {target / 1e6:.2f}M MACs ({args.method})")
+            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example, method=args.method)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    after = profile(model, size)
+    extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
+             "prune": {"method": args.method, "ratio": ratio, "layers": list(args.layers),
+                       "removed": {k: len(v) for k, v in removed.items()},
+                       "baseline": {"params": before.params, "macs": before.macs}}}
+    write_model(args, model, out, extra)
+    print(f"{_PRUNE_NAMES[args.method]}, ratio {ratio:.4f}: {sum(len(v) for v in removed.values())} filters removed "
+          f"in {len(removed)} layers ({', '.join(args.layers)})")
+    print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print(f"wrote {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parsers
 def register(subparsers) -> None:
     p = add_command(subparsers, "analyze", cmd_analyze, folder_out=True,
@@ -325,6 +421,20 @@ def register(subparsers) -> None:
     p.add_argument("--channel-multiple", type=int, default=None, metavar="M",
                    help="keep each shrunk producer's width a multiple of M when removing dead channels "
                         "(default 8, widths fast kernels handle well; 1: remove every dead channel)")
+    # a budget (at most one of the four): G and T are then searched (docs/budget.md)
+    p.add_argument("--target-macs", default=None, metavar="N",
+                   help="a budget (G and T are then searched): at most this many MACs, e.g. 40M, 1.5G, or a "
+                        "ratio to the input such as 2.5x")
+    p.add_argument("--target-params", default=None, metavar="N", help="at most this many parameters: 300K, 2x")
+    p.add_argument("--target-size", default=None, metavar="BYTES",
+                   help="at most this stored size (as the 'stored size' row counts it): 1MiB, 800KB, 2x")
+    p.add_argument("--target-latency", default=None, metavar="MS",
+                   help="at most this latency on this machine, measured: 3ms, 1.5x")
+    p.add_argument("--latency-batch", type=int, default=None, metavar="B",
+                   help="batch size at which --target-latency is measured (default 1)")
+    p.add_argument("--allocation", choices=["auto", "global", "per-layer"], default=None,
+                   help="with a budget: auto (one global G/T when one is within 2%%, else per layer), global "
+                        "(the paper's rule only: the nearest global G/T under the target) or per-layer")
 
     p = add_command(subparsers, "prune-l1", cmd_prune_l1, defaults=dict(layers=["*.conv1"], recalibrate=0,
                                                                          batch_size=128),
@@ -338,5 +448,23 @@ def register(subparsers) -> None:
     add_recalibrate_flags(p, "default 0")
     p.add_argument("--ratio", type=finite_float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
     p.add_argument("--macs", type=finite_float, default=None, help="MAC budget of the pruned model")
+    p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")
+
+    p = add_command(subparsers, "prune", cmd_prune, defaults=dict(layers=["*.conv1"], method="tp-global"),
+                    help="filter pruning peers: L1 uniform or Torch-Pruning's global group-magnitude pruning",
+                    description="Remove output filters from the selected convolutions (default: the first conv of "
+                                "every residual block, the only ones an option-A ResNet can narrow) with Torch-"
+                                "Pruning's DependencyGraph. --method tp-global ranks all their filters together by "
+                                "the L2 norm of their dependency group (each layer's scores divided by their mean) "
+                                "and removes the weakest (layers lose different fractions, none more than 90 percent); "
+                                "--method l1 removes the same fraction of smallest-L1 filters in every layer (as "
+                                "kse prune-l1). A ratio given or searched to meet a MAC budget. Writes a dense .kse "
+                                "file for `kse finetune`.")
+    add_common(p, "checkpoint", "out")
+    p.add_argument("--method", choices=["tp-global", "l1"], default=None, help="default: tp-global")
+    p.add_argument("--ratio", type=finite_float, default=None,
+                   help="fraction of filters to remove, in [0, 1) (tp-global: of all selected filters together)")
+    p.add_argument("--macs", default=None, metavar="N", help="MAC budget of the pruned model: 40M, or 2x fewer")
     p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
     p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")
