@@ -195,8 +195,9 @@ def _counts(v: np.ndarray, N: int, G: int, T: int) -> np.ndarray:
     """:func:`kse.centroid_counts` (Eq. 8) on a float64 array, for the many settings a search
     tries (a test checks that they agree)."""
     vG = v * G
-    g = np.floor(vG)
-    q = np.minimum(np.ceil(N * np.power(2.0, g + 1 - T - G)), N)
+    g = np.floor(vG).astype(np.int64)
+    shift = np.clip(T + G - 1 - g, 0, N.bit_length())  # q = ceil(N / 2^shift), in integers
+    q = np.minimum((N + np.left_shift(np.int64(1), shift) - 1) >> shift, N)
     q = np.where(g == 0, 0, q)
     q = np.where(np.ceil(vG) == G, N, q)
     return q.astype(np.int64)
