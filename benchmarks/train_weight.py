@@ -52,17 +52,15 @@ def main() -> None:
     for name, layer in model.named_modules():
         if not isinstance(layer, KSEConv2d) or not fnmatch.fnmatch(name, args.layers):
             continue
-        full = layer._train_full()  # as the forward decides
-        upstream = torch.randn_like(layer._train_weight(full, cl))
+        upstream = torch.randn_like(layer.training_weight(cl))  # over the channels the forward convolves
 
         def forward(ext: bool):
-            kse.conv._TRAIN_EXPAND_EXTENSION = ext
-            return layer._train_weight(full, cl)
+            kse.conv.configure_training(extension=ext)
+            return layer.training_weight(cl)
 
         def both(ext: bool):
             torch.autograd.grad(forward(ext), layer.centroids, upstream)
 
-        kse.conv._TRAIN_EXPAND_EXTENSION = True
         fast = forward(True)
         stock = forward(False)
         assert torch.equal(fast, stock) and fast.stride() == stock.stride()
@@ -72,7 +70,7 @@ def main() -> None:
                 tag = "ext" if ext else "stock"
                 times[f"{tag}_fwd"].append(per_call_us(lambda: forward(ext), args.repeats))
                 times[f"{tag}_fwd_bwd"].append(per_call_us(lambda: both(ext), args.repeats))
-        kse.conv._TRAIN_EXPAND_EXTENSION = True
+        kse.conv.configure_training(extension=True)
         row = {"layer": name, "weight": list(fast.shape), **{k: round(statistics.median(v), 2) for k, v in times.items()}}
         layers.append(row)
         stage = stages.setdefault(name.split(".")[0], dict.fromkeys(times, 0.0))

@@ -133,18 +133,39 @@ def test_cached_forms_train_and_refresh():
     layer.eval()
     with torch.no_grad():
         before = layer(x)
-        layer.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})
+        layer.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})  # rebuilds
         torch.testing.assert_close(layer(x) - layer.bias.view(1, -1, 1, 1), 2 * (before - layer.bias.view(1, -1, 1, 1)))
         layer.set_form("split")
-        layer.centroids.mul_(0.5)  # an in-place update (an optimizer step) refreshes the cache too
+        doubled = layer(x)
+        layer.centroids.mul_(0.5)  # an in-place edit in eval mode: the prepared tensors stay as they were ...
+        torch.testing.assert_close(layer(x), doubled)
+        layer.refresh()  # ... until refreshed
         torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+        layer.centroids.mul_(2)
+        layer.train().eval()  # switching modes refreshes too
+        torch.testing.assert_close(layer(x), doubled, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_mode_fine_tuning_follows_the_steps():
+    # a call that records gradients runs the training form and drops the prepared tensors, so
+    # the optimizer step after it is seen by the next inference call without a refresh
+    conv, layer, _ = make_layer()
+    layer.eval()
+    x = torch.randn(2, 6, 8, 8)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("extension", [True, False])
 @pytest.mark.parametrize("counts", [[0, 3, 1, 5, 2, 8], [0, 0, 0, 5, 2, 8]])  # all channels convolved, and gathered
 def test_training_weight_follows_edits_of_the_assignment(extension, counts, monkeypatch):
-    # W' for training comes from index tensors cached per layer: an in-place edit of the
-    # assignment, or a new assignment / kept-channel buffer, must rebuild them
+    # W' for training comes from index tensors cached per layer: a new assignment / kept-channel
+    # buffer rebuilds them, an in-place edit after refresh()
     import kse.conv
 
     monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
@@ -161,13 +182,15 @@ def test_training_weight_follows_edits_of_the_assignment(extension, counts, monk
     j = int((layer.centroid_counts > 1).nonzero()[0])  # a kept channel with two centroids or more
     with torch.no_grad():
         layer.assignment[j] = layer.assignment[j].max()  # in place: every kernel of it on one centroid
+    layer.refresh()  # in-place edits of a buffer need a refresh
     check()
-    layer.assignment = layer.assignment.flip(1).clone()  # a new buffer (output channels permuted)
+    layer.assignment = layer.assignment.flip(1).clone()  # a new buffer (output channels permuted): no refresh
     check()
     layer.kept_channels = layer.kept_channels.flip(0).clone()  # a new buffer: each slot reads another channel
     check()
     with torch.no_grad():
         layer.kept_channels[0] = 0  # in place: channel 0 (dropped so far) instead
+    layer.refresh()
     check()
 
 
@@ -255,17 +278,22 @@ def test_layer_without_kept_channels_answers_its_bias(form):
         torch.testing.assert_close(layer.bias.grad, torch.full((4,), 50.0))
 
 
-def test_layer_pickles_with_its_hooks():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_layer_pickles_and_rebuilds_on_load(sparse, monkeypatch):
     import pickle
 
+    import kse.forms
+
+    if sparse:
+        monkeypatch.setattr(kse.forms, "DENSE_FUSION_MAX_RATIO", 0)
+        monkeypatch.setattr(kse.forms, "DENSE_FUSION_MAX_ELEMENTS", 0)
     conv, layer, _ = make_layer()
     layer.set_form("split").eval()
     copy_ = pickle.loads(pickle.dumps(layer))
     x = torch.randn(2, 6, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(copy_(x), layer(x))
-    copy_.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})  # its post-load hook runs
-    assert copy_._deploy["version"] == copy_._versions()  # rebuilt by the hook, before any forward
+    copy_.load_state_dict({**layer.state_dict(), "centroids": layer.centroids * 2})  # rebuilds its tensors
     with torch.no_grad():
         torch.testing.assert_close(copy_(x) - layer.bias.view(1, -1, 1, 1), 2 * (layer(x) - layer.bias.view(1, -1, 1, 1)))
 

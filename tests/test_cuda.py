@@ -137,7 +137,7 @@ def test_folded_batchnorm_on_cuda_equals_the_unfolded_model(form):
     kse.deploy_(small, form=form)
     folded = kse.fold_batchnorm(small)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert all(m._epilogue[0].is_cuda for m in folded.modules() if isinstance(m, KSEConv2d))
+    assert all(m.epilogue[0].is_cuda for m in folded.modules() if isinstance(m, KSEConv2d))
     x = torch.randn(3, 1, 28, 28, device=CUDA)
     with torch.no_grad():
         _close(folded(x), small(x))

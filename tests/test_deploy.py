@@ -28,11 +28,14 @@ def test_deploy_errors():
     with pytest.raises(ValueError, match="no KSE layer"):
         kse.deploy_(get_model("resnet20"))
     net = get_model("resnet20")
-    kse.compress_(net, kse.KSEConfig(input_size=(3, 32, 32)))
+    kse.compress_(net, kse.KSEConfig())  # no input size recorded anywhere
     with pytest.raises(ValueError, match="form must be"):
         kse.deploy_(net, form="fast")
-    with pytest.raises(ValueError, match="needs input_size"):
-        kse.deploy_(net, form="auto")
+    with pytest.raises(ValueError, match=r"not recorded on this model: pass input_size=\(C, H, W\)"):
+        kse.deploy_(net)
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="memory_factor must be a number >= 1"):
+            kse.deploy_(net, input_size=(3, 32, 32), memory_factor=bad)
 
 
 def test_failed_auto_deploy_restores_forms(monkeypatch):
@@ -68,7 +71,7 @@ def test_auto_deploy_over_several_batch_sizes(monkeypatch, tiny_kse):
     chosen = kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=(1, 8))
     assert set(chosen.values()) == {"dense@1,full@8"}
     layer = net.get_submodule(next(iter(chosen)))
-    assert [layer._form_for_batch(b) for b in (1, 2, 3, 4, 64)] == ["dense", "dense", "full", "full", "full"]
+    assert [layer.form_for_batch(b) for b in (1, 2, 3, 4, 64)] == ["dense", "dense", "full", "full", "full"]
     for bad in [(1, 0), (1, 1)]:
         with pytest.raises(ValueError, match="batch_size must be a positive integer"):
             kse.deploy_(net, form="auto", input_size=(1, 16, 16), batch_size=bad)
@@ -100,16 +103,20 @@ def test_auto_deploy_measures_in_the_models_memory_format(monkeypatch, assert_sa
 
 
 def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch, tiny_kse, assert_same_function):
+    import dataclasses
+
+    import kse.forms
     from kse.conv import KSEConv2d
 
     net = tiny_kse()
     x = torch.randn(6, 1, 16, 16)
+    used = []
+    split = kse.forms.REGISTRY["split"]
+    monkeypatch.setitem(kse.forms.REGISTRY, "split", dataclasses.replace(
+        split, run=lambda t, x: used.append(len(x)) or split.run(t, x)))
     with torch.no_grad():
         ref = net(x)
         kse.deploy_(net, form="split@1,dense@4")
-        used = []
-        real = KSEConv2d._forward_split
-        monkeypatch.setattr(KSEConv2d, "_forward_split", lambda self, x, d: used.append(len(x)) or real(self, x, d))
         out_small, out_big = net(x[:2]), net(x)  # 2 <= sqrt(1 * 4): split; 6: dense
     assert used and set(used) == {2}
     assert_same_function(out_small, ref[:2])

@@ -39,10 +39,10 @@ def test_folded_model_computes_the_same_function(form, tiny_kse, assert_same_fun
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     kse_layers = [m for m in folded.modules() if isinstance(m, KSEConv2d)]
-    assert all(m._epilogue is not None for m in kse_layers)
+    assert all(m.epilogue is not None for m in kse_layers)
     # each block's first conv is followed by BN + ReLU, the second by BN, then the residual sum
-    assert sum(m._epilogue[2] for m in kse_layers) == len(kse_layers) // 2
-    assert all(m._epilogue is None for m in model.modules() if isinstance(m, KSEConv2d))  # a copy
+    assert sum(m.epilogue[2] for m in kse_layers) == len(kse_layers) // 2
+    assert all(m.epilogue is None for m in model.modules() if isinstance(m, KSEConv2d))  # a copy
     for b in (1, 5):
         x = torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(b))
         with torch.no_grad():

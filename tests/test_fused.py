@@ -82,11 +82,11 @@ def test_fused_refuses_unsupported_layers_and_follows_centroid_updates():
     layer = KSEConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), torch.tensor([2, 4, 1, 0])).eval()
     layer.set_form("fused")
     with torch.no_grad():
-        layer.centroids.mul_(2)  # the cached kernel inputs are rebuilt after an in-place update
+        layer.centroids.mul_(2)  # the kernel inputs are rebuilt after an in-place update and a refresh
+        layer.refresh()
         x = torch.randn(1, 4, 6, 6)
         got = layer(x)
-        layer.set_form("train")
-        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, layer.train()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_deploy_measures_fused_only_when_asked_and_file_keeps_it(tmp_path, tiny_kse):
@@ -178,7 +178,7 @@ def test_training_weight_on_several_threads_equals_one_thread(channels_last, mon
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            w = layer._train_weight(True, channels_last)
+            w = layer.training_weight(channels_last, full=True)
             grads.append((w.detach(), torch.autograd.grad(w, layer.centroids, upstream)[0]))
     finally:
         torch.set_num_threads(threads)
@@ -222,7 +222,7 @@ def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path, tiny_kse):
 def test_operator_checks_its_indices():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     layer = KSEConv2d.from_conv(conv, torch.tensor([2, 0, 6, 3])).eval().set_form("fused")
-    d = dict(layer._deploy["fused"])
+    d = fused.prepare(layer)
     x = torch.randn(1, 4, 5, 5)
 
     def run(**change):
@@ -272,15 +272,14 @@ def test_tap_mask_cache_is_bounded_and_rebuilt(assert_same_function):
     with torch.no_grad():
         for H in (400, 401, 402, 400):
             x = torch.randn(1, 2, H, 400)
-            layer.set_form("train")
-            ref = layer(x)
-            layer.set_form("fused")
+            ref = layer.train()(x)
+            layer.eval().set_form("fused")
             assert_same_function(layer(x), ref)
 
 
 def _train_weight(layer, full, channels_last, extension, monkeypatch):
     monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
-    return layer._train_weight(full, channels_last)
+    return layer.training_weight(channels_last, full)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -297,7 +296,8 @@ def test_training_weight_from_the_extension_equals_stock_operations(dtype, full,
     fast = _train_weight(layer, full, channels_last, True, monkeypatch)
     stock = _train_weight(layer, full, channels_last, False, monkeypatch)
     assert fast.grad_fn.name().endswith("ExpandWeight>") and not stock.grad_fn.name().endswith("ExpandWeight>")
-    assert layer._train_cached("rows", full)[1]  # own centroids per channel: the backward runs in parallel
+    rows = kse.conv.kernel_rows(layer.assignment, layer.kept_channels, layer.in_channels, full)
+    assert kse.conv.rows_are_disjoint(rows, len(layer.centroids))  # own centroids per channel: a parallel backward
     assert fast.shape == stock.shape == (9, 19 if full else 16, *k) and fast.stride() == stock.stride()
     assert torch.equal(fast, stock)
     for upstream in (torch.randn(stock.shape, generator=g), torch.randn(stock.shape, generator=g).contiguous(
@@ -447,10 +447,13 @@ def test_func_transforms_forward_ad_and_batched_gradients_equal_stock_operations
 @pytest.mark.parametrize("form", ["fused", "dense", "full", "split"])
 def test_eval_mode_gradients_equal_the_training_form(form, tiny_kse, assert_same_function):
     # an eval-mode call that needs gradients (a saliency map, an adversarial input, fine-tuning
-    # with BatchNorm frozen) runs differentiably: the kernel has no backward, and the cached
-    # weights of the other forms are constants
+    # with BatchNorm frozen) runs the training form: the kernel has no backward, and the
+    # prepared weights of the other forms are constants
     net = tiny_kse()
     ref_net = copy.deepcopy(net)
+    for m in ref_net.modules():
+        if isinstance(m, KSEConv2d):
+            m.train()  # the training form, BatchNorm still in eval mode
     kse.deploy_(net, form=form)
     x = torch.randn(3, 1, 16, 16)
 
@@ -465,20 +468,24 @@ def test_eval_mode_gradients_equal_the_training_form(form, tiny_kse, assert_same
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "fused_conv", lambda *a: calls.append(1) or kernel(*a))
         gx, gc = grads(net)
-    assert bool(calls) == (form == "fused")  # the forward ran the deployed form
-    rx, rc = grads(ref_net)  # the training form, in eval mode
+        assert not calls  # the forward that recorded gradients ran the training form
+        with torch.no_grad():  # inference still runs the deployed form
+            assert_same_function(net(x), ref_net(x))
+        assert bool(calls) == (form == "fused")
+    rx, rc = grads(ref_net)
     assert_same_function(gx, rx, 1e-4)
     assert all(g is not None for g in gc)
     for g, r in zip(gc, rc):
         assert_same_function(g, r, 1e-4)
-    with torch.no_grad():  # inference still runs the deployed form
-        assert_same_function(net(x), ref_net(x))
     forms = {m.form for m in net.modules() if isinstance(m, KSEConv2d)}
     assert forms == {form} or (form == "fused" and forms == {"fused", "dense"})  # stride 2: no kernel
-    xi = x.clone().requires_grad_(True)
-    g, = torch.autograd.grad(net(xi).square().sum(), xi, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
-        g.sum().backward()  # no second-order gradients through a deployed form: an error, not zeros
+    second = []
+    for model in (net, ref_net):  # second-order gradients too
+        xi = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        second.append(torch.autograd.grad(g.square().sum(), xi)[0])
+    assert second[1].abs().max() > 0
+    assert_same_function(second[0], second[1], 1e-4)
 
 
 def test_export_records_the_deployed_form():
@@ -502,7 +509,7 @@ def test_tracing_an_eval_model_records_the_deployed_form(tiny_kse, assert_same_f
 @pytest.mark.parametrize("optimizer", ["sgd_fused", "adam_fused", "sgd_foreach"])
 def test_deployed_forms_follow_optimizer_steps(optimizer, tiny_kse, assert_same_function):
     # fused optimizers update parameters without bumping their version counters: the forms
-    # cached for inference must be rebuilt after a training step all the same
+    # prepared for inference are rebuilt when the model goes back to eval mode all the same
     net = tiny_kse()
     kse.deploy_(net, form="fused@1,dense@4")
     params = list(net.parameters())
@@ -521,12 +528,13 @@ def test_deployed_forms_follow_optimizer_steps(optimizer, tiny_kse, assert_same_
         ref = copy.deepcopy(net)
         for m in ref.modules():
             if isinstance(m, KSEConv2d):
-                m.set_form("train")
+                m.train()  # the training form
         with torch.no_grad():
             want = ref(x)
         assert_same_function(got4, want)
         assert_same_function(got1, want[:1])
-    # an inference call between backward and the step must not keep the weights of before the step
+    # an inference call between backward and the step keeps the weights of before the step
+    # until the model is refreshed (model.eval(), or refresh() on each layer)
     net.train()
     opt.zero_grad()
     net(x).square().mean().backward()
@@ -534,10 +542,11 @@ def test_deployed_forms_follow_optimizer_steps(optimizer, tiny_kse, assert_same_
     with torch.no_grad():
         before = net(x)
     opt.step()
+    net.eval()
     ref = copy.deepcopy(net)
     for m in ref.modules():
         if isinstance(m, KSEConv2d):
-            m.set_form("train")
+            m.train()  # the training form
     with torch.no_grad():
         after, want = net(x), ref(x)
     assert not torch.allclose(after, before)

@@ -35,7 +35,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import KSEConfig
-from .conv import KSEConv2d, cluster_many
+from .conv import KSEConv2d
+from .kmeans import cluster_many
 from .indicator import _indicator64, centroid_counts
 from .modules import check_has_values, eval_mode, set_module
 from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
@@ -219,7 +220,7 @@ def build_layers(model: nn.Module, plans: List[LayerPlan], config: Optional[KSEC
     convs = [model.get_submodule(p.name) for p in plans]
     for p, conv in zip(plans, convs):
         try:
-            KSEConv2d._check_conv(conv)
+            KSEConv2d.check_conv(conv)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {p.name!r}: {exc}") from None
     index = [seed_index[p.name] if seed_index is not None else i for i, p in enumerate(plans)]

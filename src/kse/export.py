@@ -170,7 +170,7 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
         for n, f in forms_for_format(forms, fmt, form).items():
             layers[n].set_form(f)
         diff = export_verified(exported, fmt, target, example, check, ref, tolerance)
-        ran = dict(Counter(m._form_for_batch(batch_size) for m in layers.values()))
+        ran = dict(Counter(m.form_for_batch(batch_size) for m in layers.values()))
         verified[fmt] = {"file": str(target), "max_rel_diff": diff, "forms": ran}
         if on_written:
             on_written(fmt, {**verified[fmt], "check_batch": len(check)})

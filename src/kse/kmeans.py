@@ -10,6 +10,11 @@ NOTE: the official code runs sklearn ``KMeans(n_init=10)`` channel by channel wi
 (not reproducible, minutes per ResNet-50). We keep the best of ``n_init`` seeded runs by
 inertia, batched over channels.
 
+:func:`cluster_kernels` (one layer) and :func:`cluster_many` (several layers sharing batched
+calls) apply it to a convolution weight ``Tensor[N, C, kh, kw]``: channel c gets ``counts[c]``
+centroids (KSE Eq. for q_c, Sec. 3.4); all centroids of a layer are stored channel after
+channel in one table, whose first row per channel is :func:`centroid_offsets`.
+
 Example::
 
     >>> import torch
@@ -22,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -240,3 +245,86 @@ def batched_kmeans(points: Tensor, q: int, iters: int = 50, n_init: int = 1,
         all_c.append(best_c)
         all_a.append(best_a)
     return torch.cat(all_c), torch.cat(all_a)
+
+
+# ----------------------------------------------------------------------------- kernels of a layer
+def centroid_offsets(counts: Tensor) -> Tensor:
+    """First centroid row of each kept channel: the exclusive prefix sum of ``counts``."""
+    offsets = torch.zeros_like(counts)
+    if len(counts) > 1:
+        offsets[1:] = counts.cumsum(0)[:-1]
+    return offsets
+
+
+def cluster_kernels(weight: Tensor, counts: Tensor, generator: Optional[torch.Generator] = None,
+                    iters: int = 50, n_init: int = 1):
+    """k-means the N kernels of every input channel into ``counts[c]`` centroids.
+
+    Channels are processed in batches of equal count (one batched k-means per distinct q).
+
+    Args:
+        weight: ``Tensor[N, C, kh, kw]``.
+        counts: ``LongTensor[C]``, each in ``[0, N]`` (0: channel dropped).
+    Returns:
+        ``(kept: LongTensor[K], centroids: Tensor[M, kh, kw], assignment: LongTensor[K, N])``
+        with K the channels whose count is > 0, in increasing order, and
+        ``assignment[j, n]`` the centroid row of kernel n of kept channel ``kept[j]``.
+    """
+    return cluster_many([(weight, counts, generator)], iters, n_init)[0]
+
+
+def cluster_many(jobs: Sequence[Tuple[Tensor, Tensor, Optional[torch.Generator]]], iters: int = 50, n_init: int = 1,
+                 map_fn: Callable = map) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """``cluster_kernels`` for several layers at once: ``jobs`` holds ``(weight, counts, generator)``.
+
+    Channel sets of equal shape and centroid count are clustered in one batched k-means across
+    layers (the per-call overhead dominates for small buckets), while each layer draws its
+    k-means++ numbers from its own generator: a layer's result is the same as alone.
+    ``map_fn`` runs the batched calls (e.g. a thread pool's ``map``).
+    """
+    layers, groups = [], {}
+    for j, (weight, counts, generator) in enumerate(jobs):
+        N, C, kh, kw = weight.shape
+        counts = torch.as_tensor(counts).to(torch.long).cpu()
+        if counts.shape != (C,) or (counts < 0).any() or (counts > N).any():
+            lo, hi = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+            raise ValueError(f"centroid counts must be LongTensor[{C}] with values in [0, {N}], got shape "
+                             f"{tuple(counts.shape)} with values in [{lo}, {hi}]")
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        kept = torch.nonzero(counts > 0).flatten()
+        kernels = weight.detach().reshape(N, C, kh * kw).transpose(0, 1)  # [C, N, D]
+        kept_counts = counts[kept]
+        work_dtype = torch.promote_types(weight.dtype, torch.float32)
+        layers.append((weight, kept, kept_counts))
+        for q in torch.unique(kept_counts).tolist():
+            pos = torch.nonzero(kept_counts == q).flatten()  # positions in `kept`
+            points = kernels[kept[pos].to(weight.device)].to(work_dtype)
+            seeds = draw_seeds(len(pos), N, q, n_init, generator) if 1 < q < N else None
+            key = (N, kh * kw, q, work_dtype, str(weight.device))
+            groups.setdefault(key, []).append((j, pos, points, seeds))
+
+    def run(key):
+        members = groups[key]
+        q = key[2]
+        points = torch.cat([m[2] for m in members])
+        seeds = None
+        if members[0][3] is not None:
+            seeds = (torch.cat([m[3][0] for m in members], 1), torch.cat([m[3][1] for m in members], 1))
+        return batched_kmeans(points, q, iters=iters, n_init=n_init, seeds=seeds)
+
+    # largest first, so that parallel workers finish together
+    keys = sorted(groups, key=lambda k: -k[0] * k[1] * k[2] * sum(len(m[1]) for m in groups[k]))
+    results = [(weight.new_empty(int(kc.sum()), weight.shape[2] * weight.shape[3]),
+                torch.empty(len(kept), weight.shape[0], dtype=torch.long)) for weight, kept, kc in layers]
+    offsets = [centroid_offsets(kc) for _, _, kc in layers]  # centroid rows: channel after channel, in kept order
+    for key, (cents, assign) in zip(keys, map_fn(run, keys)):
+        q, start = key[2], 0
+        for j, pos, _, _ in groups[key]:
+            part = slice(start, start + len(pos))
+            start += len(pos)
+            centroids, assignment = results[j]
+            rows = offsets[j][pos].unsqueeze(1) + torch.arange(q)  # [P, q]
+            centroids[rows.flatten().to(centroids.device)] = cents[part].reshape(-1, key[1]).to(centroids.dtype)
+            assignment[pos] = assign[part].cpu() + offsets[j][pos].unsqueeze(1)
+    return [(kept, centroids.reshape(len(centroids), *weight.shape[2:]), assignment)
+            for (weight, kept, _), (centroids, assignment) in zip(layers, results)]

@@ -475,7 +475,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
     from .models import get_model
 
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    folded = [n for n, m in model.named_modules() if type(m) is KSEConv2d and m._epilogue is not None]
+    folded = [n for n, m in model.named_modules() if type(m) is KSEConv2d and m.epilogue is not None]
     if folded:
         raise ValueError(f"cannot save a model with BatchNorm folded into KSE layers ({folded[0]}, ...): a folded "
                          "model is for inference and export only; save the model before kse.fold_batchnorm")

@@ -157,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         stage("demo", f"      note: BatchNorm not folded ({exc})")
     for b in (1, 64):
-        forms_by_batch[b] = form_counts({n: m._form_for_batch(b) for n, m in layers.items()})
+        forms_by_batch[b] = form_counts({n: m.form_for_batch(b) for n, m in layers.items()})
         x = torch.randn(b, *input_size, generator=torch.Generator().manual_seed(b))
         with torch.no_grad():
             times = time_interleaved(list(timed.values()), x, rounds=10, repeats=max(args.repeats // 10, 1))
