@@ -117,8 +117,11 @@ def _reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
             acc = acc + F.conv2d(x[:, c:c + 1], kernel[None, None], None, layer.stride, layer.padding, layer.dilation)
         if layer.bias is not None:
             acc = acc + layer.bias[n]
+        if layer.epilogue is not None:  # (scale, shift, relu), e.g. a folded BatchNorm
+            acc = acc * layer.epilogue[0][n] + layer.epilogue[1][n]
         cols.append(acc if torch.is_tensor(acc) else None)
-    return torch.cat(cols, 1)
+    out = torch.cat(cols, 1)
+    return out.relu() if layer.epilogue is not None and layer.epilogue[2] else out
 
 
 def _slow_entropy(weight: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -140,7 +143,8 @@ def _slow_entropy(weight: torch.Tensor, k: int = 5) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def reference_forward() -> Callable[..., torch.Tensor]:
     """``reference_forward(layer, x)``: a ``KSEConv2d``'s output ``Tensor[B, N, H', W']`` by a
-    loop over outputs and kept channels, a convolution with each kernel's centroid (slow)."""
+    loop over outputs and kept channels, a convolution with each kernel's centroid (slow); the
+    layer's epilogue (scale, shift, ReLU) applied last."""
     return _reference_forward
 
 

@@ -146,7 +146,7 @@ def test_cached_forms_train_and_refresh():
         torch.testing.assert_close(layer(x), doubled, rtol=1e-5, atol=1e-5)
 
 
-def test_eval_mode_fine_tuning_follows_the_steps():
+def test_eval_mode_fine_tuning_follows_the_steps(reference_forward):
     # a call that records gradients runs the training form and drops the prepared tensors, so
     # the optimizer step after it is seen by the next inference call without a refresh
     conv, layer, _ = make_layer()

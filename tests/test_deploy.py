@@ -128,3 +128,84 @@ def test_form_per_batch_size_runs_each_form_and_is_saved(tmp_path, monkeypatch, 
                      ("quick", "form must be one of")]:
         with pytest.raises(ValueError, match=msg):
             kse.deploy_(net, form=bad)
+
+
+def test_deploy_without_arguments_uses_the_recorded_input_size(tmp_path, monkeypatch, tiny_kse):
+    import kse.deploy as deploy_mod
+
+    seen = {}
+    monkeypatch.setattr(deploy_mod, "time_call",
+                        lambda m, x, warmup, repeats: seen.setdefault(id(m), tuple(x.shape)) and {"min_ms": 1.0})
+    net = tiny_kse()  # compressed with KSEConfig(input_size=(1, 16, 16))
+    first = net.get_submodule("layer1.0.conv1")
+    assert deploy_mod.known_input_size(net) == (1, 16, 16)
+    kse.deploy_(net)
+    assert seen[id(first)] == (1, 16, 16, 16)
+    kse.save(net, tmp_path / "net.kse", preprocess={"input_size": [1, 20, 20]})
+    loaded = kse.load(tmp_path / "net.kse")
+    assert deploy_mod.known_input_size(loaded) == (1, 20, 20)  # the file's preprocessing first
+    seen.clear()
+    kse.deploy_(loaded, batch_size=2)
+    assert seen[id(loaded.get_submodule("layer1.0.conv1"))] == (2, 16, 20, 20)
+    seen.clear()
+    kse.deploy_(loaded, input_size=(1, 12, 12))  # an explicit size wins
+    assert seen[id(loaded.get_submodule("layer1.0.conv1"))] == (1, 16, 12, 12)
+
+
+def wide_pointwise_layer(C=1024, N=2048):
+    """A 1x1 layer shaped like torchvision ResNet-50's layer4.0.downsample.0, every channel kept
+    whole: C * N centroids, whose dense fusion matrix would take N * C * N * 4 bytes (16 GiB)."""
+    conv = torch.nn.Conv2d(C, N, 1, bias=False)
+    return kse.KSEConv2d.from_conv(conv, torch.full((C,), N)).eval()
+
+
+def test_auto_deploy_never_builds_an_out_of_proportion_candidate(monkeypatch, tiny_kse):
+    import dataclasses
+
+    import kse.deploy as deploy_mod
+    import kse.forms
+
+    layer = wide_pointwise_layer()
+    model = torch.nn.Sequential(layer)
+    shape = (1, 1024, 8, 8)  # 2M centroid maps of 8 x 8: 512 MiB for the split form
+    full = kse.forms.REGISTRY["full"].memory(layer, shape)
+    assert full < 16 << 20 and kse.forms.REGISTRY["split"].memory(layer, shape) > 8 * full + (256 << 20)
+    assert deploy_mod.candidate_fits(layer, "dense", shape, 4.0) and deploy_mod.candidate_fits(layer, "full", shape, 4.0)
+    assert not deploy_mod.candidate_fits(layer, "split", shape, 4.0)
+    assert deploy_mod.candidate_fits(layer, "split", shape, 1e3)  # the bound is memory_factor times the full form's
+    split = kse.forms.REGISTRY["split"]
+    monkeypatch.setitem(kse.forms.REGISTRY, "split", dataclasses.replace(
+        split, prepare=lambda m: pytest.fail("the split candidate was built")))
+    timed = []
+    monkeypatch.setattr(deploy_mod, "time_call", lambda m, x, warmup, repeats: timed.append(m.form) or {"min_ms": 1.0})
+    chosen = kse.deploy_(model, input_size=(1024, 8, 8))
+    assert timed == ["dense", "full"] and chosen == {"0": "dense"}
+    # small layers still measure the split form
+    timed.clear()
+    monkeypatch.setitem(kse.forms.REGISTRY, "split", split)
+    kse.deploy_(tiny_kse(), input_size=(1, 16, 16))
+    assert "split" in timed
+
+
+@pytest.mark.slow
+def test_auto_deploy_of_torchvision_resnet50_stays_in_bounded_memory(tmp_path):
+    # the coverage run's reproduction: the split candidate's dense fusion matrix took about
+    # 10 GB for layer4.0.downsample.0 and the process was killed; here the process may allocate
+    # at most 6 GiB (compression peaks near 1.5 GiB), so that building it fails instead
+    import subprocess
+    import sys
+
+    script = ("import resource, torch, kse\n"
+              "from kse.models import get_model\n"
+              "resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30))\n"
+              "m = get_model('resnet50', num_classes=10).eval()\n"
+              "kse.compress_(m, kse.KSEConfig(G=4, T=0, input_size=(3, 64, 64)))\n"
+              "x = torch.randn(2, 3, 64, 64)\n"
+              "with torch.no_grad():\n    ref = m(x)\n"
+              "chosen = kse.deploy_(m, form='auto', input_size=(3, 64, 64), repeats=1)\n"
+              "with torch.no_grad():\n    err = float((m(x) - ref).abs().max() / ref.abs().max())\n"
+              "print(len(chosen), chosen['layer4.0.downsample.0'], err)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    count, form, err = res.stdout.split()
+    assert int(count) == 52 and form in ("dense", "full", "split") and float(err) < 1e-4

@@ -125,6 +125,38 @@ def element_index(rows: Tensor, table_rows: int, taps: int, channels_last: bool)
     return index.reshape(-1).contiguous()
 
 
+class WeightIndex:
+    """The index tensors that build W' from the centroids in training, for one layer's
+    ``assignment`` and ``kept_channels`` buffers, made on first use. An in-place edit of those
+    buffers needs :meth:`KSEConv2d.refresh`; a new buffer is noticed (:meth:`made_from`)."""
+
+    def __init__(self, assignment: Tensor, kept: Tensor, in_channels: int, table_rows: int, kernel_size) -> None:
+        self.assignment, self.kept, self.in_channels, self.table_rows = assignment, kept, in_channels, table_rows
+        self.taps = kernel_size[0] * kernel_size[1]
+        self._made: Dict[tuple, object] = {}
+
+    def made_from(self, assignment: Tensor, kept: Tensor, table_rows: int) -> bool:
+        return assignment is self.assignment and kept is self.kept and table_rows == self.table_rows
+
+    def _get(self, key: tuple, make):
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def rows(self, full: bool) -> Tensor:
+        """:func:`kernel_rows` in int32, for :func:`kse.fused.expand_weight`."""
+        return self._get(("rows", full), lambda: kernel_rows(self.assignment, self.kept, self.in_channels, full)
+                         .to(torch.int32).contiguous())
+
+    def disjoint(self, full: bool) -> bool:
+        return self._get(("disjoint", full), lambda: rows_are_disjoint(
+            kernel_rows(self.assignment, self.kept, self.in_channels, full), self.table_rows))
+
+    def elements(self, full: bool, channels_last: bool) -> Tensor:
+        return self._get(("elements", full, channels_last), lambda: element_index(
+            kernel_rows(self.assignment, self.kept, self.in_channels, full), self.table_rows, self.taps, channels_last))
+
+
 class KSEConv2d(nn.Module):
     """2D convolution with KSE-clustered kernels and skipped input channels.
 
@@ -135,11 +167,10 @@ class KSEConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, kept: Optional[Tensor] = None, centroid_counts: Optional[Tensor] = None) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = nn.modules.utils._pair(kernel_size)
-        self.stride = nn.modules.utils._pair(stride)
-        self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
-        self.dilation = nn.modules.utils._pair(dilation)
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, pair(kernel_size)
+        self.stride, self.dilation = pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
         kept = torch.arange(in_channels) if kept is None else torch.as_tensor(kept, dtype=torch.long)
         if centroid_counts is None:
             centroid_counts = torch.full((len(kept),), out_channels, dtype=torch.long)
@@ -155,7 +186,7 @@ class KSEConv2d(nn.Module):
         self.form = "train"  # the inference form: "train" (not deployed) runs forms.default_form
         self._epilogue: Optional[Tuple[Tensor, Tensor, bool]] = None  # see set_epilogue
         self._inference = None  # eval mode: the callable forms.prepare made for self.form
-        self._index = None  # training: (assignment, kept_channels, M, {key: W' index}), see training_weight
+        self._index: Optional[WeightIndex] = None  # training: see training_weight
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,43 +244,26 @@ class KSEConv2d(nn.Module):
         return rows.view(N, K, kh, kw)
 
     def training_weight(self, channels_last: bool = False, full: Optional[bool] = None) -> Tensor:
-        """W' as a training step builds it from the centroids, on every call: over the kept input
-        channels, or with ``full`` over all of them (zero kernels for the dropped ones; default:
-        as the forward decides), laid out ``channels_last`` or NCHW. Where autograd records it on
-        the CPU, one call of the compiled :func:`kse.fused.expand_weight`; otherwise, and as its
-        reference, stock operations (:func:`gather_elements`), which ``torch.func`` transforms,
-        forward-mode AD, tracing and compiling know."""
-        p = self._parameters["centroids"]
+        """W' as a training step builds it, on every call: over the kept input channels or, with
+        ``full``, all of them (zero kernels for the dropped; default: as the forward decides), in
+        ``channels_last`` or NCHW order. Recorded by autograd on the CPU: the compiled
+        :func:`kse.fused.expand_weight`; otherwise (and as its reference) :func:`gather_elements`."""
+        p, a, k = self._parameters["centroids"], self._buffers["assignment"], self._buffers["kept_channels"]
         full = self._convolves_all() if full is None else full
+        index = self._index
+        if index is None or not index.made_from(a, k, len(p)):  # a new buffer (or a refresh) rebuilds it
+            index = self._index = WeightIndex(a, k, self.in_channels, len(p), self.kernel_size)
         if (_TRAIN_EXPAND_EXTENSION and p.is_cpu and p.requires_grad and torch.is_grad_enabled()
                 and _plain_autograd() and fused.available()):
-            rows, disjoint = self._cached_index("rows", full, False, len(p))
-            return fused.expand_weight(p, rows, channels_last, disjoint)
+            return fused.expand_weight(p, index.rows(full), channels_last, index.disjoint(full))
         kh, kw = self.kernel_size
-        weight = gather_elements(p.reshape(-1, kh * kw), self._cached_index("index", full, channels_last, len(p)))
+        weight = gather_elements(p.reshape(-1, kh * kw), index.elements(full, channels_last))
         return (weight.view(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2) if channels_last
                 else weight.view(self.out_channels, -1, kh, kw))
 
-    def _cached_index(self, what: str, full: bool, channels_last: bool, table_rows: int):
-        """The index tensors of W' for the current buffers (``"rows"``: int32 rows and whether
-        they are disjoint; ``"index"``: :func:`element_index`), kept until a buffer is replaced or
-        :meth:`refresh` runs: an in-place edit of ``assignment`` or ``kept_channels`` needs one."""
-        a, k = self._buffers["assignment"], self._buffers["kept_channels"]
-        cache = self._index
-        if cache is None or cache[0] is not a or cache[1] is not k or cache[2] != table_rows:
-            cache = self._index = (a, k, table_rows, {})
-        key = (what, full, channels_last)
-        if key not in cache[3]:
-            rows = kernel_rows(a, k, self.in_channels, full)
-            taps = self.kernel_size[0] * self.kernel_size[1]
-            cache[3][key] = ((rows.to(torch.int32).contiguous(), rows_are_disjoint(rows, table_rows)) if what == "rows"
-                             else element_index(rows, table_rows, taps, channels_last))
-        return cache[3][key]
-
     def _convolves_all(self) -> bool:
-        """Whether a training step convolves all input channels rather than gathering the kept
-        ones: with few dropped the gather (and its gradient's scatter) costs more than it saves;
-        and with none kept, as F.conv2d over zero input channels answers zero outputs."""
+        """Whether a training step convolves all input channels (zero kernels for the dropped) rather
+        than gathering the kept ones: with few dropped (the gather costs more than it saves) or none kept."""
         kept = self._buffers["kept_channels"].shape[0]
         return kept == 0 or kept > _TRAIN_SELECT_MAX_KEPT * self.in_channels
 
@@ -381,39 +395,12 @@ class KSEConv2d(nn.Module):
 
     # ------------------------------------------------------------------ channel removal
     def remove_out_channels(self, remove: Sequence[int]) -> "KSEConv2d":
-        """A copy without output channels ``remove``; unused centroids are dropped."""
-        keep_out = [n for n in range(self.out_channels) if n not in set(remove)]
-        assignment = self.assignment[:, keep_out]
-        used = torch.zeros(len(self.centroids), dtype=torch.bool, device=assignment.device)
-        used[assignment.flatten()] = True  # centroid rows still referenced, in order
-        owner = torch.repeat_interleave(torch.arange(len(self.kept_channels), device=assignment.device),
-                                        self.centroid_counts)
-        counts = torch.bincount(owner[used], minlength=len(self.kept_channels))
-        layer = KSEConv2d(self.in_channels, len(keep_out), self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.bias is not None, self.kept_channels.clone(), counts.cpu())
-        layer = layer.to(self.centroids.device, self.centroids.dtype)
-        with torch.no_grad():
-            layer.centroids.copy_(self.centroids[used])
-            layer.assignment.copy_((torch.cumsum(used.long(), 0) - 1)[assignment])
-            if self.bias is not None:
-                layer.bias.copy_(self.bias[keep_out])
-        return layer.set_form(self.form).train(self.training)
+        """A copy without output channels ``remove`` (:func:`remove_out_channels`)."""
+        return remove_out_channels(self, remove)
 
     def remove_in_channels(self, remove: Sequence[int]) -> "KSEConv2d":
-        """A copy reading ``in_channels - len(remove)`` maps; every removed channel must be one
-        this layer already skips (``q_c = 0``), so the function is unchanged."""
-        remove_set = set(int(r) for r in remove)
-        kept = self.kept_channels.tolist()
-        clash = remove_set.intersection(kept)
-        if clash:
-            raise ValueError(f"cannot remove input channels {sorted(clash)}: the layer still reads them")
-        position = {c: i for i, c in enumerate(c for c in range(self.in_channels) if c not in remove_set)}
-        layer = KSEConv2d(len(position), self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.bias is not None, torch.tensor([position[c] for c in kept], dtype=torch.long),
-                          self.centroid_counts.cpu().clone())
-        layer = layer.to(self.centroids.device, self.centroids.dtype)
-        layer.load_state_dict({**self.state_dict(), "kept_channels": layer.kept_channels})
-        return layer.set_form(self.form).train(self.training)
+        """A copy without input channels ``remove``, all skipped ones (:func:`remove_in_channels`)."""
+        return remove_in_channels(self, remove)
 
     # ------------------------------------------------------------------ storage and reporting
     def local_assignment(self) -> Tensor:
@@ -436,11 +423,45 @@ class KSEConv2d(nn.Module):
         return self.dense_params() / max(self.centroids.numel(), 1)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        return (s + f", kept={len(self.kept_channels)}/{self.in_channels}, centroids={len(self.centroids)}, "
-                f"ratio={self.compression_ratio():.2f}x, form={self.form}")
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}" + (f", dilation={self.dilation}" if self.dilation != (1, 1) else "")
+                + (", bias=False" if self.bias is None else "") + f", kept={len(self.kept_channels)}/{self.in_channels}, "
+                f"centroids={len(self.centroids)}, ratio={self.compression_ratio():.2f}x, form={self.form}")
+
+
+# ----------------------------------------------------------------------------- channel removal
+def remove_out_channels(layer: KSEConv2d, remove: Sequence[int]) -> KSEConv2d:
+    """A copy of ``layer`` without output channels ``remove``; unused centroids are dropped."""
+    keep_out = [n for n in range(layer.out_channels) if n not in set(remove)]
+    assignment = layer.assignment[:, keep_out]
+    used = torch.zeros(len(layer.centroids), dtype=torch.bool, device=assignment.device)
+    used[assignment.flatten()] = True  # centroid rows still referenced, in order
+    owner = torch.repeat_interleave(torch.arange(len(layer.kept_channels), device=assignment.device),
+                                    layer.centroid_counts)
+    counts = torch.bincount(owner[used], minlength=len(layer.kept_channels))
+    copy = KSEConv2d(layer.in_channels, len(keep_out), layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, layer.bias is not None, layer.kept_channels.clone(), counts.cpu())
+    copy = copy.to(layer.centroids.device, layer.centroids.dtype)
+    with torch.no_grad():
+        copy.centroids.copy_(layer.centroids[used])
+        copy.assignment.copy_((torch.cumsum(used.long(), 0) - 1)[assignment])
+        if layer.bias is not None:
+            copy.bias.copy_(layer.bias[keep_out])
+    return copy.set_form(layer.form).train(layer.training)
+
+
+def remove_in_channels(layer: KSEConv2d, remove: Sequence[int]) -> KSEConv2d:
+    """A copy of ``layer`` reading ``in_channels - len(remove)`` maps; every removed channel must
+    be one the layer already skips (``q_c = 0``), so the function is unchanged."""
+    remove_set = set(int(r) for r in remove)
+    kept = layer.kept_channels.tolist()
+    clash = remove_set.intersection(kept)
+    if clash:
+        raise ValueError(f"cannot remove input channels {sorted(clash)}: the layer still reads them")
+    position = {c: i for i, c in enumerate(c for c in range(layer.in_channels) if c not in remove_set)}
+    copy = KSEConv2d(len(position), layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, layer.bias is not None, torch.tensor([position[c] for c in kept], dtype=torch.long),
+                     layer.centroid_counts.cpu().clone())
+    copy = copy.to(layer.centroids.device, layer.centroids.dtype)
+    copy.load_state_dict({**layer.state_dict(), "kept_channels": copy.kept_channels})
+    return copy.set_form(layer.form).train(layer.training)

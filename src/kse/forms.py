@@ -102,7 +102,7 @@ def affine_output(out: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], 
 def _epilogue_tensors(layer) -> Tuple[Optional[Tensor], Optional[Tensor], bool]:
     """``(scale or None, bias or None, relu)`` of the layer's output ``scale * conv + bias``."""
     if layer.epilogue is None:
-        return None, (layer.bias.detach() if layer.bias is not None else None), False
+        return None, (layer.bias.detach().clone() if layer.bias is not None else None), False
     scale, bias = layer.affine()
     return scale, bias, layer.epilogue[2]
 
@@ -149,12 +149,12 @@ def run_conv(t: Tensors, x: Tensor) -> Tensor:
 
 def memory_dense(layer, shape) -> int:
     B, N, K, M, taps, hw, out_hw, e = _sizes(layer, shape)
-    return e * (N * K * taps + B * K * hw + B * N * out_hw)
+    return e * (N * K * taps + N + B * K * hw + B * N * out_hw) + 8 * K
 
 
 def memory_full(layer, shape) -> int:
     B, N, K, M, taps, hw, out_hw, e = _sizes(layer, shape)
-    return e * (N * layer.in_channels * taps + B * N * out_hw)
+    return e * (N * layer.in_channels * taps + N + B * N * out_hw)
 
 
 # ----------------------------------------------------------------------------- split (Fig. 2)
@@ -214,12 +214,13 @@ def run_split(t: Tensors, x: Tensor) -> Tensor:
 def memory_split(layer, shape) -> int:
     B, N, K, M, taps, hw, out_hw, e = _sizes(layer, shape)
     fusion = e * N * M if _dense_fusion(layer) else N * K * (8 + e) + 8 * (N + 1) + e * B * M * out_hw
-    return e * (M * taps + B * K * hw + B * M * out_hw + B * N * out_hw) + fusion
+    return e * (M * taps + 2 * N + B * K * hw + B * M * out_hw + B * N * out_hw) + 16 * K + fusion
 
 
 # ----------------------------------------------------------------------------- fused (kse.fused)
 def prepare_fused(layer) -> Tensors:
     t = dict(fused.prepare(layer))
+    t["cents"] = t["cents"].clone()  # a copy, as the other forms' tensors: in-place edits need a refresh
     t["geometry"] = (tuple(layer.kernel_size), layer.kernel_padding())
     t["fallback"] = prepare_dense(layer) if layer.centroids.device.type != "cpu" else None
     return t
@@ -251,7 +252,7 @@ def unsupported_fused(layer) -> Optional[str]:
 
 def memory_fused(layer, shape) -> int:
     B, N, K, M, taps, hw, out_hw, e = _sizes(layer, shape)
-    return 4 * (M * taps + N * K + B * N * out_hw)
+    return 4 * (M * taps + N * K + 2 * N + B * N * out_hw) + 16 * K + 8
 
 
 # ----------------------------------------------------------------------------- the registry
