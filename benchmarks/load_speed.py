@@ -6,7 +6,9 @@ file it came from: both read with ``kse.load`` (eval mode), run under ``torch.no
 
 Prints one JSON object: per batch size, each model's time (the best of ``rounds`` interleaved
 rounds' medians, ``kse.timing.time_interleaved``; the order of the two alternates between
-rounds) and ``speed_ratio`` = dense_ms / kse_ms (1.0: as fast; above: faster), with the forms the
+rounds) and ``speed_ratio`` = dense_ms / kse_ms (1.0: as fast; above: faster), the median over
+rounds of the same ratio within each round (``speed_ratio_median_of_rounds``: the two measured
+back to back, so that load from other processes cancels), with the forms the
 compressed model's layers ran in (``kse.forms.default_form``: no measuring) and the largest
 difference of its outputs to its training form's (the slow reference).
 """
@@ -18,6 +20,7 @@ import collections
 import copy
 import json
 import platform
+import statistics
 import sys
 
 import torch
@@ -64,8 +67,10 @@ def main() -> None:
             for model, t in zip(pair, got):
                 times["dense" if model is dense else "kse"].append(t["median_ms"])
         dense_ms, kse_ms = min(times["dense"]), min(times["kse"])
+        per_round = sorted(d / k for d, k in zip(times["dense"], times["kse"]))
         result["batches"][str(b)] = {
             "dense_ms": round(dense_ms, 4), "kse_ms": round(kse_ms, 4), "speed_ratio": round(dense_ms / kse_ms, 4),
+            "speed_ratio_median_of_rounds": round(statistics.median(per_round), 4),
             "dense_rounds_ms": [round(t, 4) for t in times["dense"]],
             "kse_rounds_ms": [round(t, 4) for t in times["kse"]],
             "kse_forms": dict(collections.Counter(m.form_for_batch(b) for m in layers)),

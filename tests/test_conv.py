@@ -313,3 +313,20 @@ def test_unbatched_input_works_in_every_form(form):
         torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=0, atol=0)
         torch.testing.assert_close(out, layer.to_conv()(x), rtol=1e-5, atol=1e-5)
     assert out.shape == (16, 10, 10)
+
+
+def test_configure_training_switches_and_restores(monkeypatch):
+    import kse.conv
+
+    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", True)
+    monkeypatch.setattr(kse.conv, "_TRAIN_SELECT_MAX_KEPT", 2 / 3)
+    _, layer, _ = make_layer(C=6, counts=torch.tensor([0, 3, 1, 5, 2, 8]))  # 5 of 6 kept
+    layer.train()
+    assert layer.training_weight().shape[1] == 6  # all input channels, zero kernels for the dropped one
+    before = kse.conv.configure_training(extension=False, select_max_kept=0.9)
+    assert before == {"extension": True, "select_max_kept": pytest.approx(2 / 3)}
+    assert layer.training_weight().shape[1] == 5  # 5/6 <= 0.9: the kept channels gathered
+    assert kse.conv.configure_training(**before) == {"extension": False, "select_max_kept": 0.9}
+    for bad in (1.5, float("nan")):
+        with pytest.raises(ValueError, match="select_max_kept must be a fraction in"):
+            kse.conv.configure_training(select_max_kept=bad)

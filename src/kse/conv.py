@@ -11,12 +11,14 @@ fine-tuning). All centroids of a layer live in one parameter ``centroids: Tensor
 (M = sum_c q_c); ``assignment: LongTensor[C_kept, N]`` holds, for each kept channel and output,
 the row of its centroid.
 
-In training mode (and wherever autograd records the call) the layer rebuilds W' from the
-centroids on every call. In eval mode without gradients it runs an inference form from tensors
-prepared once (:mod:`kse.forms`): by default the dense weight, the form set by
-:meth:`KSEConv2d.set_form` / :func:`kse.deploy_` otherwise. They are prepared on ``eval()`` and
-rebuilt by ``train()``/``eval()``, :meth:`set_form`, ``load_state_dict`` and ``.to()``; after
-editing parameters or buffers in place in eval mode, call :meth:`KSEConv2d.refresh`.
+In training mode, and in eval mode where autograd records the call, the layer rebuilds W' from
+the centroids on every call (the training form). In eval mode without gradients it runs an
+inference form (:mod:`kse.forms`) from tensors prepared once: a cached dense weight
+(:func:`kse.forms.default_form`) unless :meth:`KSEConv2d.set_form` / :func:`kse.deploy_` chose
+another. They are prepared on ``eval()`` and rebuilt by ``train()``/``eval()``,
+:meth:`~KSEConv2d.set_form`, ``load_state_dict``, ``.to()`` and after a call that recorded
+gradients; after editing parameters or buffers in place in eval mode otherwise, call
+:meth:`KSEConv2d.refresh`.
 
 Example::
 

@@ -7,7 +7,7 @@ assignment ``a`` computes, for each output channel n,
 
 where ``(s, t, relu)`` is the layer's epilogue (a folded BatchNorm, see
 :meth:`KSEConv2d.set_epilogue`; 1, 0 and no ReLU otherwise). Every form computes this function
-from tensors prepared once from the layer; ``FORMS[name]`` holds the pair
+from tensors prepared once from the layer; ``REGISTRY[name]`` holds the pair
 
 * ``prepare(layer) -> tensors`` (a dict of tensors and the few numbers ``run`` needs), and
 * ``run(tensors, x) -> y``, which does not see the layer,
