@@ -36,8 +36,8 @@ from torch import Tensor
 
 from .config import KSEConfig
 from .conv import KSEConv2d
-from .kmeans import cluster_many
 from .indicator import _indicator64, centroid_counts
+from .kmeans import cluster_many
 from .modules import check_has_values, eval_mode, set_module
 from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
 
