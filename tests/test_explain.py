@@ -68,6 +68,17 @@ def test_fast_ablation_equals_slow_loop(net, batch, reference, rows):
     assert any(reference[n].loss_increase.abs().max() > 1e-2 for n in LAYERS)  # not all zero
 
 
+def test_layers_on_two_workers_give_the_same_numbers(net, batch, reference):
+    two = ablation_importance(net, LAYERS, *batch, rows=32, workers=2)
+    one = ablation_importance(net, LAYERS, *batch, rows=32, workers=1)
+    for name in LAYERS:
+        torch.testing.assert_close(two[name].loss_increase, one[name].loss_increase, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(two[name].loss_increase, reference[name].loss_increase, atol=2e-5, rtol=1e-4)
+    assert torch.get_num_threads() == 1  # restored
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        ablation_importance(net, LAYERS, *batch, workers=0)
+
+
 def test_ablation_zeroes_the_map_for_the_layer_only(net, batch, reference):
     """Zeroing the block input for the whole network (shortcut included) is another, larger change."""
     x, y = batch
@@ -273,6 +284,10 @@ def test_drop_experiment_rows(net, batch):
     plans = kse.plan(net, kse.KSEConfig(G=4, include=["layer3.*"]), batch[0][:2])
     drop = drop_experiment(net, result.layers, plans, cfg, DataLoader(data, batch_size=8),
                            DataLoader(data, batch_size=8), recal_batches=2, scores=("kse", "random", "ablation"))
+    parallel = drop_experiment(net, result.layers, plans, cfg, DataLoader(data, batch_size=8),
+                               DataLoader(data, batch_size=8), recal_batches=2, scores=("kse", "random", "ablation"),
+                               workers=2)
+    assert parallel == drop
     kse_dropped = sum(int((p.counts == 0).sum()) for p in plans)
     for row in drop["rows"].values():
         assert row["dropped"] == kse_dropped

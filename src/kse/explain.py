@@ -49,10 +49,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ablation import DEFAULT_ROWS, Progress, _Tracer, _say, ablation_importance, taylor_importance
+from .ablation import DEFAULT_ROWS, Progress, _map_threads, _say, _Tracer, ablation_importance, taylor_importance
 from .compress import LayerPlan, build_layers, plan, select_layers
 from .config import KSEConfig
-from .fold import fold_batchnorm
 from .indicator import kernel_entropy, kernel_sparsity
 from .modules import capture_layer_inputs, set_module
 from .recalibrate import recalibrate_bn_
@@ -326,13 +325,13 @@ def counts_by_score(kse_counts: Tensor, score: Tensor) -> Tensor:
 
 
 def _top1(model: nn.Module, loader, device: torch.device) -> float:
-    """Top-1 (percent) of ``model`` on ``loader``, with BatchNorm folded and channels-last on CPU."""
-    try:
-        fast = fold_batchnorm(model)
-    except ValueError:
-        fast = copy.deepcopy(model).eval()
+    """Top-1 (percent) of ``model`` on ``loader`` (eval mode, channels-last on CPU).
+
+    NOTE: the BatchNorms are not folded here (that would be faster): folding traces the model
+    with ``torch.fx``, which patches ``nn.Module.__call__`` for the whole process and so must
+    not run while other threads run models (``drop_experiment`` evaluates scores in parallel)."""
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    fast = fast.to(device=device, memory_format=fmt)
+    fast = copy.deepcopy(model).eval().to(device=device, memory_format=fmt)
     correct = seen = 0
     with torch.inference_mode():
         for x, y in loader:
@@ -357,19 +356,23 @@ def _with_counts(model: nn.Module, plans: List[LayerPlan], counts: Dict[str, Ten
 def drop_experiment(model: nn.Module, layers: Sequence[LayerExplanation], plans: List[LayerPlan], cfg: KSEConfig,
                     eval_loader, recal_loader=None, recal_batches: int = 8, scores: Iterable[str] = DROP_SCORES,
                     device: Optional[torch.device] = None, progress: Progress = None,
-                    clustered_out: Optional[Dict[str, Tensor]] = None) -> Dict[str, Any]:
+                    clustered_out: Optional[Dict[str, Tensor]] = None, workers: Optional[int] = None) -> Dict[str, Any]:
     """Item 3: top-1 of the model with each score choosing the channels KSE's counts go to.
 
-    Returns ``{"baseline_top1", "recal_batches", "rows": {score: {"top1",
-    "top1_recalibrated", "dropped", "centroids", "same_as_kse"}}}``. ``clustered_out``, if
-    given, receives the clustered weights of the KSE row (for the pictures)."""
+    ``workers`` scores are worked on at the same time, each on one intra-op thread (default:
+    on CPU, ``torch.get_num_threads()``). Returns ``{"baseline_top1", "recal_batches", "rows":
+    {score: {"top1", "top1_recalibrated", "dropped", "centroids", "same_as_kse"}}}``.
+    ``clustered_out``, if given, receives the clustered weights of the KSE row (for the pictures)."""
     device = device if device is not None else next(model.parameters()).device
+    if workers is None:
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
     by_name = {l.name: l for l in layers}
-    rows: Dict[str, Any] = {}
-    baseline = _top1(model, eval_loader, device)
-    _say(progress, f"drop: baseline top-1 {baseline:.2f}%")
     kse_counts = {p.name: p.counts.cpu() for p in plans}
-    for score in scores:
+    scores = list(scores)
+
+    def one(score: Optional[str]):
+        if score is None:
+            return None, {"top1": _top1(model, eval_loader, device)}
         if score == "producer_l1":  # where undefined, the layer keeps KSE's choice
             counts = {n: (counts_by_score(c, _ranking_score(by_name[n], score))
                           if torch.isfinite(by_name[n].scores["producer_l1"]).all() else c.clone())
@@ -386,11 +389,20 @@ def drop_experiment(model: nn.Module, layers: Sequence[LayerExplanation], plans:
         if recal_loader is not None:
             recalibrate_bn_(pruned, recal_loader, batches=recal_batches)
             row["top1_recalibrated"] = round(_top1(pruned, eval_loader, device), 3)
+        return score, row
+
+    rows: Dict[str, Any] = {}
+    baseline = float("nan")
+    for score, row in _map_threads(one, [None] + scores, workers):
+        if score is None:
+            baseline = row["top1"]
+            _say(progress, f"drop: intact model top-1 {baseline:.2f}%")
+            continue
         rows[score] = row
         _say(progress, f"drop: {score}: top-1 {row['top1']:.2f}%"
                        + (f", {row['top1_recalibrated']:.2f}% after BatchNorm recalibration" if recal_loader else ""))
     return {"baseline_top1": round(baseline, 3), "recal_batches": recal_batches if recal_loader is not None else 0,
-            "rows": rows}
+            "rows": {s: rows[s] for s in scores}}
 
 
 # ----------------------------------------------------------------------------- everything
@@ -430,7 +442,7 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
             config: Optional[KSEConfig] = None, eval_loader=None, recal_loader=None, recal_batches: int = 8,
             rows: int = DEFAULT_ROWS, batch_size: int = 128, resamples: int = 1000, seed: int = 0,
             show_layer: Optional[str] = None, show_images: int = 4, drop_scores: Iterable[str] = DROP_SCORES,
-            progress: Progress = None) -> Explanation:
+            progress: Progress = None, workers: Optional[int] = None) -> Explanation:
     """Score every input channel of the chosen layers with KSE and on the images; compare.
 
     Args:
@@ -447,6 +459,8 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
         show_layer: the layer whose input maps are kept for the feature-map picture (default:
             the middle one); show_images: how many images of it.
         progress: called with a line of text as the work goes (e.g. ``kse.ablation.stderr_progress``).
+        workers: layers (ablation) and scores (item 3) worked on at the same time, one intra-op
+            thread each (default: on CPU, ``torch.get_num_threads()``).
     """
     cfg = config if config is not None else KSEConfig()
     if not isinstance(cfg, KSEConfig):
@@ -469,7 +483,7 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
                    f"channels, {len(images)} images")
 
     t = time.time()
-    ablation = ablation_importance(model, names, images, labels, rows=rows, progress=progress)
+    ablation = ablation_importance(model, names, images, labels, rows=rows, progress=progress, workers=workers)
     timings["ablation"] = time.time() - t
     t = time.time()
     taylor = taylor_importance(model, names, images, labels, batch_size=batch_size)
@@ -497,7 +511,7 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
     if eval_loader is not None:
         t = time.time()
         drop = drop_experiment(model, result_layers, [free[n]["plan"] for n in names], cfg, eval_loader,
-                               recal_loader, recal_batches, drop_scores, device, progress, clustered)
+                               recal_loader, recal_batches, drop_scores, device, progress, clustered, workers)
         timings["drop"] = time.time() - t
 
     shown = show_layer if show_layer is not None else names[len(names) // 2]

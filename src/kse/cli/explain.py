@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.drop and not rest:
         stage("explain", "no test images are left for the channel-dropping table (--images takes them all); skipped")
     model = model.to(device).eval()
+    load_start = _load_average()
     t0 = time.time()
     result = explain(model, images, labels, layers=names, config=cfg, eval_loader=eval_loader,
                      recal_loader=recal_loader, recal_batches=args.recal_batches, rows=args.rows,
@@ -95,7 +97,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     run: Dict[str, Any] = {"checkpoint": str(path), "dataset": name, "images": "first" if args.seed is None else
                            f"seed {args.seed}", "eval_images": len(rest) if eval_loader is not None else 0,
                            "device": str(device), "threads": torch.get_num_threads(),
-                           "seconds": round(time.time() - t0, 1)}
+                           "seconds": round(time.time() - t0, 1),
+                           "load_average_1min": {"start": load_start, "end": _load_average()}}
     files: List[Path] = []
     if args.out:
         out = Path(args.out)
@@ -113,6 +116,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for f in files:
             print(f"wrote {f}")
     return 0
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on this platform
+        return None
 
 
 def _command_line(args: argparse.Namespace) -> str:
