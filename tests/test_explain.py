@@ -4,6 +4,7 @@ kse.compress, the report files, and the errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -64,8 +65,21 @@ def test_fast_ablation_equals_slow_loop(net, batch, reference, rows):
     for name in LAYERS:
         torch.testing.assert_close(fast[name].loss_increase, reference[name].loss_increase, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(fast[name].top1_drop, reference[name].top1_drop)
+        torch.testing.assert_close(fast[name].loss_increase_halves, reference[name].loss_increase_halves,
+                                   atol=4e-5, rtol=1e-4)
         assert fast[name].base_loss == pytest.approx(reference[name].base_loss, rel=1e-5)
     assert any(reference[n].loss_increase.abs().max() > 1e-2 for n in LAYERS)  # not all zero
+
+
+def test_halves_are_the_even_and_odd_images(net, batch, reference):
+    x, y = batch
+    name = "layer3.1.conv1"
+    even = ablation_importance_hooks(net, [name], x[0::2], y[0::2])[name]
+    odd = ablation_importance_hooks(net, [name], x[1::2], y[1::2])[name]
+    halves = reference[name].loss_increase_halves
+    torch.testing.assert_close(halves[0], even.loss_increase, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(halves[1], odd.loss_increase, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(halves.mean(0), reference[name].loss_increase)  # 5 + 5 images
 
 
 def test_layers_on_two_workers_give_the_same_numbers(net, batch, reference):
@@ -289,6 +303,12 @@ def test_drop_experiment_rows(net, batch):
                                workers=2)
     assert parallel == drop
     kse_dropped = sum(int((p.counts == 0).sum()) for p in plans)
+    dropped_only = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in plans:
+            dropped_only.get_submodule(p.name).weight[:, p.counts == 0] = 0
+        top1 = 100 * float((dropped_only(data.tensors[0]).argmax(1) == data.tensors[1]).double().mean())
+    assert drop["rows"]["kse"]["top1_dropped_only"] == pytest.approx(top1, abs=1e-3)
     for row in drop["rows"].values():
         assert row["dropped"] == kse_dropped
         assert row["centroids"] == sum(int(p.counts.sum()) for p in plans)
@@ -324,6 +344,8 @@ def test_explain_end_to_end_and_report(net, batch, tmp_path):
     data = json.loads(json.dumps(result.to_dict()))
     assert data["layers"][0]["name"] == "layer2.0.conv1" and len(data["layers"][0]["kse"]) == 16
     assert data["layers"][2]["producer_l1"][0] is None  # NaN -> null
+    assert data["split_half"]["mean_within_layer"]["layers"] == 7
+    assert len(data["layers"][0]["loss_increase_even"]) == 16
     assert set(data["agreement"]) == {"kse", "sparsity", "entropy", "producer_l1", "taylor", "activation", "random"}
     files = write_report(result, tmp_path / "rep", command="kse explain ...")
     assert {f.name for f in files} == {"feature_maps.png", "scatter.png", "agreement.png", "kernels_layer2.png",

@@ -62,8 +62,10 @@ from .fold import fold_batchnorm
 from .modules import eval_mode
 
 # Rows (image copies) per forward of the rest of the network; more amortise the per-operation
-# cost, fewer keep the activations in cache
-DEFAULT_ROWS = 1024
+# cost, fewer keep the activations in cache (and under glibc's largest mmap threshold, 32 MiB,
+# so that freed activations are reused instead of mapped afresh: a 28x28x16 float map x 512
+# is 25 MiB)
+DEFAULT_ROWS = 512
 
 Progress = Optional[Callable[[str], None]]
 
@@ -77,6 +79,8 @@ class Ablation:
     top1_drop: Tensor  # [C] float64: percentage points of top-1 lost with channel c zeroed
     base_loss: float
     base_top1: float
+    # [2, C]: loss_increase on the images of even and of odd index alone (how reproducible it is)
+    loss_increase_halves: Optional[Tensor] = None
 
 
 def _check_images(images: Tensor, labels: Tensor) -> None:
@@ -111,12 +115,25 @@ def _logits(out) -> Tensor:
     return out if out.dtype == torch.float64 else out.float()
 
 
-def _loss_correct(logits: Tensor, labels: Tensor, copies: int) -> Tuple[Tensor, Tensor]:
-    """Summed CE and number correct of each of ``copies`` stacked copies of the batch."""
+def _loss_correct(logits: Tensor, labels: Tensor, copies: int, first: int = 0) -> Tuple[Tensor, Tensor]:
+    """``(ce [copies, 2], correct [copies])``: for each of ``copies`` stacked copies of the
+    batch, the summed cross-entropy over the images of even and of odd index (``first``: the
+    index of the batch's first image) and the number classified correctly."""
     y = labels.repeat(copies)
-    ce = F.cross_entropy(logits, y, reduction="none").double().view(copies, -1).sum(1)
+    ce = F.cross_entropy(logits, y, reduction="none").double().view(copies, -1)
+    odd = ((torch.arange(len(labels), device=ce.device) + first) % 2).bool()
+    halves = torch.stack([ce[:, ~odd].sum(1), ce[:, odd].sum(1)], 1)
     correct = (logits.argmax(1) == y).double().view(copies, -1).sum(1)
-    return ce, correct
+    return halves.cpu(), correct.cpu()
+
+
+def _result(name: str, ce: Tensor, correct: Tensor, base_ce: Tensor, base_correct: float, total: int) -> "Ablation":
+    """``Ablation`` from summed CE ``ce [C, 2]`` (even / odd images) and correct counts ``[C]``."""
+    halves = torch.tensor([(total + 1) // 2, total // 2], dtype=torch.float64)
+    base_loss = float(base_ce.sum()) / total
+    per_half = ce / halves.clamp_min(1) - base_ce / halves.clamp_min(1)
+    return Ablation(name, ce.sum(1) / total - base_loss, 100 * (base_correct - correct) / total, base_loss,
+                    100 * base_correct / total, per_half.t().contiguous())
 
 
 def _chunks(n: int, size: int):
@@ -145,7 +162,7 @@ def ablation_importance_hooks(model: nn.Module, names: Sequence[str], images: Te
     images, labels = images.to(device), labels.to(device)
     total = len(images)
 
-    def run(hook_layer: Optional[nn.Module] = None, channel: int = 0) -> Tuple[float, float]:
+    def run(hook_layer: Optional[nn.Module] = None, channel: int = 0) -> Tuple[Tensor, float]:
         handle = None
         if hook_layer is not None:
             def zero(mod, args):
@@ -154,24 +171,24 @@ def ablation_importance_hooks(model: nn.Module, names: Sequence[str], images: Te
                 return (x,) + tuple(args[1:])
             handle = hook_layer.register_forward_pre_hook(zero)
         try:
-            ce, correct = 0.0, 0.0
+            ce, correct = torch.zeros(2, dtype=torch.float64), 0.0
             for lo, hi in _chunks(total, batch_size):
-                c, k = _loss_correct(_logits(model(images[lo:hi])), labels[lo:hi], 1)
-                ce, correct = ce + c.item(), correct + k.item()
+                c, k = _loss_correct(_logits(model(images[lo:hi])), labels[lo:hi], 1, lo)
+                ce, correct = ce + c[0], correct + k.item()
         finally:
             if handle is not None:
                 handle.remove()
-        return ce / total, 100 * correct / total
+        return ce, correct
 
     result = {}
     with eval_mode(model), torch.no_grad():
-        base_loss, base_top1 = run()
+        base_ce, base_correct = run()
         for i, (name, conv) in enumerate(zip(names, convs)):
-            loss = torch.zeros(conv.in_channels, dtype=torch.float64)
-            top1 = torch.zeros(conv.in_channels, dtype=torch.float64)
+            ce = torch.zeros(conv.in_channels, 2, dtype=torch.float64)
+            correct = torch.zeros(conv.in_channels, dtype=torch.float64)
             for c in range(conv.in_channels):
-                loss[c], top1[c] = run(conv, c)
-            result[name] = Ablation(name, loss - base_loss, base_top1 - top1, base_loss, base_top1)
+                ce[c], correct[c] = run(conv, c)
+            result[name] = _result(name, ce, correct, base_ce, base_correct, total)
             _say(progress, f"ablation (hooks) [{i + 1}/{len(names)}] {name}")
     return result
 
@@ -390,9 +407,9 @@ def ablation_importance(model: nn.Module, names: Sequence[str], images: Tensor, 
         total = len(images)
         img_chunk = min(total, rows)
         copies_max = max(1, rows // img_chunk)
-        loss = [torch.zeros(c.in_channels, dtype=torch.float64) for c in convs]
+        loss = [torch.zeros(c.in_channels, 2, dtype=torch.float64) for c in convs]
         correct = [torch.zeros(c.in_channels, dtype=torch.float64) for c in convs]
-        base_loss = base_correct = 0.0
+        base_ce, base_correct = torch.zeros(2, dtype=torch.float64), 0.0
         t0, done, finished = time.time(), 0, 0
         n_chunks = math.ceil(total / img_chunk)
         if workers is None:
@@ -401,8 +418,8 @@ def ablation_importance(model: nn.Module, names: Sequence[str], images: Tensor, 
             x, y = images[lo:hi].contiguous(memory_format=fmt), labels[lo:hi]
             env: Dict[fx.Node, object] = {placeholder[0]: x}
             logits = _logits(graph.run(graph.nodes, env, keep))
-            c, k = _loss_correct(logits, y, 1)
-            base_loss, base_correct = base_loss + c.item(), base_correct + k.item()
+            c, k = _loss_correct(logits, y, 1, lo)
+            base_ce, base_correct = base_ce + c[0], base_correct + k.item()
             saved = {n: env[n] for n in keep}
             del env
 
@@ -424,9 +441,9 @@ def ablation_importance(model: nn.Module, names: Sequence[str], images: Tensor, 
                         sub[conv_node] = graph.modules[conv_node.target](inp)
                         del inp, view
                         out = _logits(graph.run(rerun, sub, owned=(conv_node,)))
-                        c, k = _loss_correct(out, y, K)
-                        loss[li][c_lo:c_hi] += c.cpu()
-                        correct[li][c_lo:c_hi] += k.cpu()
+                        c, k = _loss_correct(out, y, K, lo)
+                        loss[li][c_lo:c_hi] += c
+                        correct[li][c_lo:c_hi] += k
                 return li
 
             # the largest layers first, so that the workers finish together
@@ -439,9 +456,7 @@ def ablation_importance(model: nn.Module, names: Sequence[str], images: Tensor, 
                 _say(progress, f"ablation [{finished}/{len(names) * n_chunks}] {names[li]}: {convs[li].in_channels} "
                                f"channels; {100 * frac:.0f}% in {spent:.0f}s, about "
                                f"{spent / max(frac, 1e-9) - spent:.0f}s left")
-    base_loss, base_top1 = base_loss / total, 100 * base_correct / total
-    return {name: Ablation(name, loss[i] / total - base_loss, base_top1 - 100 * correct[i] / total, base_loss, base_top1)
-            for i, name in enumerate(names)}
+    return {name: _result(name, loss[i], correct[i], base_ce, base_correct, total) for i, name in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- gradients

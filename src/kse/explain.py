@@ -95,6 +95,8 @@ class Explanation:
     settings: Dict[str, Any]
     timings: Dict[str, float] = field(default_factory=dict)
     agreement_magnitude: Optional[Dict[str, Dict[str, Any]]] = None  # against |loss increase|
+    # Spearman of the loss increase on the even-indexed images with that on the odd-indexed ones
+    split_half: Optional[Dict[str, Any]] = None
     # for the pictures (not in the JSON): a few images' input maps of one layer, and the
     # clustered weights KSE gives each layer
     feature_maps: Optional[Dict[str, Any]] = None
@@ -109,7 +111,8 @@ class Explanation:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"settings": self.settings, "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
-                "agreement": self.agreement, "agreement_magnitude": self.agreement_magnitude, "drop": self.drop,
+                "agreement": self.agreement, "agreement_magnitude": self.agreement_magnitude,
+                "split_half": self.split_half, "drop": self.drop,
                 "layers": [l.to_dict() for l in self.layers]}
 
 
@@ -342,6 +345,15 @@ def _top1(model: nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / max(seen, 1)
 
 
+def _dropped_only(model: nn.Module, counts: Dict[str, Tensor]) -> nn.Module:
+    """A copy of ``model`` with the input channels of count 0 zeroed and nothing else changed."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, c in counts.items():
+            out.get_submodule(name).weight[:, (c == 0).to(out.get_submodule(name).weight.device)] = 0
+    return out
+
+
 def _with_counts(model: nn.Module, plans: List[LayerPlan], counts: Dict[str, Tensor], cfg: KSEConfig) -> nn.Module:
     """A copy of ``model`` whose planned layers are clustered with ``counts`` (as plain convs
     holding the clustered weights: the same function, evaluated fast)."""
@@ -361,7 +373,9 @@ def drop_experiment(model: nn.Module, layers: Sequence[LayerExplanation], plans:
 
     ``workers`` scores are worked on at the same time, each on one intra-op thread (default:
     on CPU, ``torch.get_num_threads()``). Returns ``{"baseline_top1", "recal_batches", "rows":
-    {score: {"top1", "top1_recalibrated", "dropped", "centroids", "same_as_kse"}}}``.
+    {score: {"top1_dropped_only", "top1", "top1_recalibrated", "dropped", "centroids",
+    "same_as_kse"}}}``: top-1 with the channels dropped and nothing else changed, dropped and
+    the rest clustered, and that after BatchNorm recalibration.
     ``clustered_out``, if given, receives the clustered weights of the KSE row (for the pictures)."""
     device = device if device is not None else next(model.parameters()).device
     if workers is None:
@@ -382,7 +396,8 @@ def drop_experiment(model: nn.Module, layers: Sequence[LayerExplanation], plans:
         pruned = _with_counts(model, plans, counts, cfg)
         if score == "kse" and clustered_out is not None:
             clustered_out.update({n: pruned.get_submodule(n).weight.detach().cpu() for n in kse_counts})
-        row = {"top1": round(_top1(pruned, eval_loader, device), 3),
+        row = {"top1_dropped_only": round(_top1(_dropped_only(model, counts), eval_loader, device), 3),
+               "top1": round(_top1(pruned, eval_loader, device), 3),
                "dropped": int(sum(int((c == 0).sum()) for c in counts.values())),
                "centroids": int(sum(int(c.sum()) for c in counts.values())),
                "same_as_kse": sum(int(torch.equal(counts[n] > 0, kse_counts[n] > 0)) for n in counts)}
@@ -496,6 +511,7 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
         scores = dict(free[name]["scores"])
         scores["loss_increase"] = ablation[name].loss_increase
         scores["top1_drop"] = ablation[name].top1_drop
+        scores["loss_increase_even"], scores["loss_increase_odd"] = ablation[name].loss_increase_halves
         scores["taylor"] = taylor[name]["taylor"]
         scores["activation"] = taylor[name]["activation"]
         scores["random"] = torch.rand(p.in_channels, generator=gen, dtype=torch.float64)
@@ -504,6 +520,9 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
     t = time.time()
     agree = agreement(result_layers, resamples=resamples, seed=seed)
     agree_abs = agreement(result_layers, resamples=resamples, seed=seed, magnitude=True)
+    # how reproducible the ablation ranking is: even-indexed images against odd-indexed ones
+    split_half = (agreement(result_layers, ["loss_increase_even"], "loss_increase_odd", resamples, seed)
+                  ["loss_increase_even"] if len(images) >= 4 else None)
     timings["agreement"] = time.time() - t
 
     drop = None
@@ -522,6 +541,8 @@ def explain(model: nn.Module, images: Tensor, labels: Tensor, layers: Optional[S
                 "base_loss": round(base.base_loss, 6), "base_top1": round(base.base_top1, 3)}
     timings["total"] = time.time() - t0
     return Explanation(result_layers, agree, drop, settings, timings, agreement_magnitude=agree_abs,
-                       feature_maps={"layer": shown, "maps": maps, "labels": labels[:show_images].tolist()},
+                       split_half=split_half,
+                       feature_maps={"layer": shown, "maps": maps, "labels": labels[:show_images].tolist(),
+                                     "images": images[:show_images].detach().cpu()},
                        clustered=clustered,
                        weights={n: model.get_submodule(n).weight.detach().cpu().clone() for n in names})

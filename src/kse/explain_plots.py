@@ -67,42 +67,55 @@ def _count_label(q: int, n: int) -> str:
 
 
 # ----------------------------------------------------------------------------- (a) feature maps
-def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels: int = 32) -> Path:
-    """Input maps of ``result.feature_maps["layer"]`` for a few images, highest indicator first
-    (at most ``max_channels``: the highest and the lowest halves)."""
+def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels: int = 24) -> Path:
+    """Input maps of ``result.feature_maps["layer"]`` for a few images (the image itself in the
+    first column), highest indicator first (at most ``max_channels``: the highest and the
+    lowest halves), on one colour scale."""
     plt = _plt()
     fm = result.feature_maps
     layer = result.layer(fm["layer"])
     maps = fm["maps"].float()  # [I, C, H, W]
+    inputs = fm.get("images")
     v = layer.scores["kse"]
-    order = torch.argsort(v, descending=True, stable=True).tolist()
+    order: List[Optional[int]] = torch.argsort(v, descending=True, stable=True).tolist()
     if len(order) > max_channels:
         order = order[:max_channels // 2] + [None] + order[-(max_channels // 2):]
-    n_img, n_col = maps.shape[0], len(order)
+    lead = 1 if inputs is not None else 0
+    n_img, n_col = maps.shape[0], len(order) + lead
     vmax = float(torch.quantile(maps.flatten(), 0.995)) if maps.numel() else 1.0
     vmin = min(0.0, float(maps.min()))
-    fig, axes = plt.subplots(n_img, n_col, figsize=(0.8 * n_col + 0.4, 0.85 * n_img + 1.0), squeeze=False)
-    for j, c in enumerate(order):
+    fig, axes = plt.subplots(n_img, n_col, figsize=(0.95 * n_col + 0.3, 0.95 * n_img + 1.2), squeeze=False)
+    for i in range(n_img):
+        for j in range(n_col):
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+        if inputs is not None:
+            img = inputs[i].float()
+            axes[i][0].imshow(img.mean(0).numpy() if img.shape[0] != 3 else
+                              ((img - img.min()) / (img.max() - img.min() + 1e-12)).permute(1, 2, 0).numpy(),
+                              cmap="gray")
+            axes[i][0].set_ylabel(f"class {fm['labels'][i]}", fontsize=7)
+            if i == 0:
+                axes[i][0].set_title("input", fontsize=7)
+    for j, c in enumerate(order, start=lead):
         for i in range(n_img):
             ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
             if c is None:
                 ax.set_axis_off()
-                if i == 0:
-                    ax.set_title("...", fontsize=9)
+                if i == n_img // 2:
+                    ax.text(0.5, 0.5, "...", ha="center", va="center", fontsize=12, transform=ax.transAxes)
                 continue
             ax.imshow(maps[i, c].numpy(), cmap="magma", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
-            if j == 0 or order[j - 1] is None:
-                ax.set_ylabel(f"image {i}\nclass {fm['labels'][i]}", fontsize=6)
             if i == 0:
                 q = int(layer.scores["counts"][c])
-                color = "tab:red" if q == 0 else "black"
-                ax.set_title(f"#{c} v={float(v[c]):.2f}\n{_count_label(q, layer.out_channels)}\n"
-                             f"dL={float(layer.scores['loss_increase'][c]):+.3f}", fontsize=5.5, color=color)
+                ax.set_title(f"#{c}\nv={float(v[c]):.2f}\n{_count_label(q, layer.out_channels)}\n"
+                             f"dL={float(layer.scores['loss_increase'][c]):+.3f}", fontsize=6.5,
+                             color="tab:red" if q == 0 else "black")
     fig.suptitle(f"{layer.name}: input feature maps, highest KSE indicator v first (red: KSE G={result.settings['G']} "
-                 f"drops it; dL: loss increase when the map is zeroed, {result.settings['images']} images)", fontsize=8)
-    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.02, top=0.80, wspace=0.08, hspace=0.08)
+                 f"drops it); dL: loss increase on {result.settings['images']} images when the map is zeroed",
+                 fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.995, bottom=0.02, top=1 - 1.05 / (0.95 * n_img + 1.2),
+                        wspace=0.06, hspace=0.06)
     return _save(fig, Path(path), dpi=90)
 
 
@@ -247,23 +260,30 @@ def summary(result: Explanation) -> List[str]:
     ag, s = result.agreement, result.settings
     kse, tay = ag["kse"]["mean_within_layer"], ag["taylor"]["mean_within_layer"]
     rnd = ag["random"]["mean_within_layer"]
-    lines = [f"On {s['images']} test images, the data-free KSE indicator ranks the input feature maps of a layer "
-             f"with a mean Spearman rho of {_rho(kse)} against their exact ablation importance "
-             f"(pooled over all {ag['kse']['pooled']['channels']} channels: {_rho(ag['kse']['pooled'])}); "
-             f"the data-driven Taylor estimate reaches {_rho(tay)} and a random score {_rho(rnd)}."]
+    first = (f"On {s['images']} test images, the data-free KSE indicator ranks the input feature maps of a layer "
+             f"with a mean Spearman rho of {_rho(kse)} against their exact ablation importance (the loss increase "
+             f"when the map is zeroed; pooled over all {ag['kse']['pooled']['channels']} channels: "
+             f"{_rho(ag['kse']['pooled'])}); the data-driven Taylor estimate reaches {_rho(tay)}, a random score "
+             f"{_rho(rnd)}")
+    if result.split_half is not None:
+        first += (f", and the ablation ranking itself agrees with the same ranking on the other half of the images "
+                  f"at {_rho(result.split_half['mean_within_layer'])}")
+    lines = [first + "."]
     if result.drop:
         rows, base = result.drop["rows"], result.drop["baseline_top1"]
 
-        def top(k: str) -> str:
+        def get(k: str, key: str) -> str:
             r = rows.get(k)
-            if r is None:
-                return "n/a"
-            return f"{r['top1']:.2f}%" + (f" ({r['top1_recalibrated']:.2f}% after BatchNorm recalibration)"
-                                          if "top1_recalibrated" in r else "")
-        lines.append(f"Dropping per layer as many input channels as KSE G={s['G']} drops (and clustering the rest "
-                     f"as KSE does) leaves, before fine-tuning, top-1 {top('kse')} when KSE chooses them, "
-                     f"{top('ablation')} when the ablation oracle does, {top('random')} at random "
-                     f"(intact model {base:.2f}%).")
+            return f"{r[key]:.2f}%" if r is not None and key in r else "n/a"
+
+        line = (f"Dropping per layer as many input channels as KSE G={s['G']} drops, top-1 is {get('kse', 'top1_dropped_only')} "
+                f"when KSE chooses them, {get('ablation', 'top1_dropped_only')} when the ablation ranking does and "
+                f"{get('random', 'top1_dropped_only')} at random (intact model {base:.2f}%)")
+        if any("top1_recalibrated" in r for r in rows.values()):
+            line += (f"; with the other channels clustered as KSE does and the BatchNorm statistics re-estimated, "
+                     f"{get('kse', 'top1_recalibrated')}, {get('ablation', 'top1_recalibrated')} and "
+                     f"{get('random', 'top1_recalibrated')}")
+        lines.append(line + ", before any fine-tuning.")
     return lines
 
 
@@ -323,23 +343,30 @@ def _markdown(result: Explanation, command: Optional[str], extra: Optional[Dict[
             m = _rho(mag[score]["mean_within_layer"]) if score in mag else "-"
             lines.append(f"| {SCORE_TITLES[score]} | {_rho(a['mean_within_layer'])} | {_rho(a['pooled'])} | "
                          f"{a['mean_within_layer']['layers']} | {m} |")
-    lines += ["", "![agreement](agreement.png)", ""]
+    if result.split_half is not None:
+        sh = result.split_half
+        lines.append(f"| *ablation on the even-indexed images vs the odd-indexed ones* | {_rho(sh['mean_within_layer'])} | "
+                     f"{_rho(sh['pooled'])} | {sh['mean_within_layer']['layers']} | - |")
+    lines += ["", "The last row is the split-half reliability of the ablation ranking: how well it reproduces on "
+                  "other images. No score can be expected to agree with the ablation ranking much better than that.",
+              "", "![agreement](agreement.png)", ""]
 
     if result.drop:
         d = result.drop
         lines += ["## Does it pick the right channels?", "",
                   f"For each score, every layer drops as many input channels as KSE G={s['G']} drops, the "
-                  f"weakest by that score, and hands the other channels KSE's centroid counts in the score's "
-                  f"order; then the kernels are clustered as KSE does. Top-1 on the evaluation images "
-                  f"({run.get('eval_images', 'the evaluation loader')}), before fine-tuning, and after "
-                  f"re-estimating the BatchNorm statistics ({d['recal_batches']} batches of unlabeled training "
-                  f"images). Intact model: {d['baseline_top1']:.2f}%.", "",
-                  "| channels chosen by | dropped | layers with KSE's choice | top-1 | top-1, BatchNorm recalibrated |",
-                  "|---|---|---|---|---|"]
+                  f"weakest by that score. *Dropped only*: nothing else changes. *Dropped + clustered*: the other "
+                  f"channels get KSE's centroid counts in the score's order and their kernels are clustered as KSE "
+                  f"does (the KSE row is what `kse compress` builds). Top-1 on "
+                  f"{run.get('eval_images', 'the evaluation')} held-out test images, before any fine-tuning; the "
+                  f"last column after re-estimating the BatchNorm statistics on {d['recal_batches']} batches of "
+                  f"unlabeled training images. Intact model: {d['baseline_top1']:.2f}%.", "",
+                  "| channels chosen by | dropped | layers with KSE's choice | top-1, dropped only | "
+                  "top-1, dropped + clustered | same, BatchNorm recalibrated |", "|---|---|---|---|---|---|"]
         for score, r in d["rows"].items():
             rec = f"{r['top1_recalibrated']:.2f}%" if "top1_recalibrated" in r else "-"
             lines.append(f"| {SCORE_TITLES[score]} | {r['dropped']} | {r['same_as_kse']}/{len(result.layers)} | "
-                         f"{r['top1']:.2f}% | {rec} |")
+                         f"{r['top1_dropped_only']:.2f}% | {r['top1']:.2f}% | {rec} |")
         if "producer_l1" in d["rows"]:
             n_none = sum(1 for l in result.layers if l.producer is None)
             lines += ["", f"Producing-filter L1 is defined where one convolution produces the map; the {n_none} "

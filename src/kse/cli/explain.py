@@ -152,15 +152,19 @@ def _print_tables(result) -> None:
 
     rows = [[SCORE_TITLES[s], rho(result.agreement[s]["mean_within_layer"]), rho(result.agreement[s]["pooled"])]
             for s in AGREEMENT_SCORES if s in result.agreement]
+    if result.split_half is not None:
+        rows.append(["ablation, half vs half", rho(result.split_half["mean_within_layer"]),
+                     rho(result.split_half["pooled"])])
     print("\nSpearman rho with the ablation importance (95% bootstrap interval)")
     print(text_table(["score", "mean within layer", "pooled"], rows))
     if result.drop:
-        rows = [[SCORE_TITLES[s], r["dropped"], f"{r['top1']:.2f}%",
+        rows = [[SCORE_TITLES[s], r["dropped"], f"{r['top1_dropped_only']:.2f}%", f"{r['top1']:.2f}%",
                  f"{r['top1_recalibrated']:.2f}%" if "top1_recalibrated" in r else "-"]
                 for s, r in result.drop["rows"].items()]
         print(f"\ntop-1 with KSE G={result.settings['G']}'s number of channels dropped, chosen by each score "
               f"(intact model {result.drop['baseline_top1']:.2f}%)")
-        print(text_table(["channels chosen by", "dropped", "top-1", "BatchNorm recalibrated"], rows))
+        print(text_table(["channels chosen by", "dropped", "top-1 dropped only", "+ clustered",
+                          "+ BatchNorm recalibrated"], rows))
 
 
 def register(subparsers) -> None:
