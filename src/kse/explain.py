@@ -81,7 +81,7 @@ class LayerExplanation:
         out: Dict[str, Any] = {"name": self.name, "in_channels": self.in_channels,
                                "out_channels": self.out_channels, "producer": self.producer}
         for key, value in self.scores.items():
-            out[key] = [None if not math.isfinite(v) else round(v, 8) for v in value.double().tolist()]
+            out[key] = [None if not math.isfinite(v) else float(f"{v:.6g}") for v in value.double().tolist()]
         return out
 
 

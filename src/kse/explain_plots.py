@@ -93,7 +93,7 @@ def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels:
             img = inputs[i].float()
             axes[i][0].imshow(img.mean(0).numpy() if img.shape[0] != 3 else
                               ((img - img.min()) / (img.max() - img.min() + 1e-12)).permute(1, 2, 0).numpy(),
-                              cmap="gray")
+                              cmap="gray", interpolation="nearest")
             axes[i][0].set_ylabel(f"class {fm['labels'][i]}", fontsize=7)
             if i == 0:
                 axes[i][0].set_title("input", fontsize=7)
@@ -105,7 +105,7 @@ def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels:
                 if i == n_img // 2:
                     ax.text(0.5, 0.5, "...", ha="center", va="center", fontsize=12, transform=ax.transAxes)
                 continue
-            ax.imshow(maps[i, c].numpy(), cmap="magma", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
+            ax.imshow(maps[i, c].numpy(), cmap="magma", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
             if i == 0:
                 q = int(layer.scores["counts"][c])
                 ax.set_title(f"#{c}\nv={float(v[c]):.2f}\n{_count_label(q, layer.out_channels)}\n"
@@ -116,7 +116,7 @@ def plot_feature_maps(result: Explanation, path: Union[str, Path], max_channels:
                  fontsize=8)
     fig.subplots_adjust(left=0.02, right=0.995, bottom=0.02, top=1 - 1.05 / (0.95 * n_img + 1.2),
                         wspace=0.06, hspace=0.06)
-    return _save(fig, Path(path), dpi=90)
+    return _save(fig, Path(path), dpi=72)
 
 
 # ----------------------------------------------------------------------------- (b) scatter
@@ -244,7 +244,7 @@ def plot_kernels(result: Explanation, path: Union[str, Path], layers: Optional[S
     fig.suptitle("kernels W[:, c] (upper row) and their KSE centroids (lower row; empty: channel dropped);\n"
                  "kernels of one cluster side by side, colour scaled per layer (blue < 0 < red)", fontsize=7,
                  y=1 - 0.02 / (img_h + 0.5))
-    return _save(fig, Path(path), dpi=110)
+    return _save(fig, Path(path), dpi=85)
 
 
 # ----------------------------------------------------------------------------- report
@@ -347,8 +347,11 @@ def _markdown(result: Explanation, command: Optional[str], extra: Optional[Dict[
         sh = result.split_half
         lines.append(f"| *ablation on the even-indexed images vs the odd-indexed ones* | {_rho(sh['mean_within_layer'])} | "
                      f"{_rho(sh['pooled'])} | {sh['mean_within_layer']['layers']} | - |")
-    lines += ["", "The last row is the split-half reliability of the ablation ranking: how well it reproduces on "
-                  "other images. No score can be expected to agree with the ablation ranking much better than that.",
+    lines += ["", "The last row is the split-half reliability of the target: the ablation ranking from the "
+                  "even-indexed images against the one from the odd-indexed images. Near zero, the single-channel "
+                  "ablation ranks a layer's channels mostly by which images happen to be in the sample; read the "
+                  "other rows against it (more images, --images, give a steadier target). The intervals resample "
+                  "channels, not images.",
               "", "![agreement](agreement.png)", ""]
 
     if result.drop:
