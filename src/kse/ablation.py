@@ -61,10 +61,10 @@ from torch import Tensor
 from .fold import fold_batchnorm
 from .modules import eval_mode
 
-# Rows (image copies) per forward of the rest of the network; more amortise the per-operation
-# cost, fewer keep the activations in cache (and under glibc's largest mmap threshold, 32 MiB,
-# so that freed activations are reused instead of mapped afresh: a 28x28x16 float map x 512
-# is 25 MiB)
+# Rows (image copies) per forward of the rest of the network: more amortise the per-operation
+# cost, fewer keep the activations in cache (and a 16 x 28 x 28 float map x 512 rows, 25 MiB,
+# under glibc's largest mmap threshold, so freed activations are reused rather than mapped
+# afresh); on this project's CPU 512 ran faster than 1024 (benchmarks/explain_ablation.py --rows)
 DEFAULT_ROWS = 512
 
 Progress = Optional[Callable[[str], None]]

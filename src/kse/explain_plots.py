@@ -323,7 +323,10 @@ def _markdown(result: Explanation, command: Optional[str], extra: Optional[Dict[
              f"{s['images']} images (intact model on them: loss {s['base_loss']:.4f}, top-1 {s['base_top1']:.2f}%)",
              f"KSE G={s['G']}, T={s['T']}, alpha={s['alpha']}, k={s['k']}; bootstrap: {s['bootstrap_resamples']} "
              f"resamples of the channels, seed {s['seed']}"]
-    facts += [f"{k}: {v}" for k, v in run.items()]
+    for k, v in run.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        facts.append(f"{k.replace('_', ' ')}: {v}")
     facts.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()))
     lines += [f"- {f}" for f in facts] + [""]
 

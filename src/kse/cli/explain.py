@@ -5,7 +5,6 @@ importance, the top-1 left when each score chooses the channels KSE drops, and p
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -15,22 +14,10 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..ablation import DEFAULT_ROWS
 from .common import (CLIError, add_command, add_common, at_least, busy_note, check_dataset_fits, checkpoint_input_size,
                      checkpoint_path, dataset_name, fake_input_size, kse_config, kse_layers, load_model, parse_device,
                      save_args, set_threads, stage)
-
-
-def _unaugmented(train_ds, test_ds, info):
-    """The training split with the test split's preprocessing (no random crop or flip), for
-    re-estimating BatchNorm statistics reproducibly."""
-    from ..data import TensorImageDataset
-
-    if isinstance(train_ds, TensorImageDataset):
-        return TensorImageDataset(train_ds.images, train_ds.labels, info, train=False)
-    plain = copy.copy(train_ds)
-    if hasattr(test_ds, "transform"):
-        plain.transform = test_ds.transform
-    return plain
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -75,9 +62,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.drop and rest:
         eval_loader = DataLoader(Subset(test_ds, rest), batch_size=max(args.batch_size, 256))
         if args.recal_batches:
-            train_ds, _ = get_dataset(name, args.data_dir, True, fake_size=args.fake_size,
-                                      input_size=fake_input_size(model))
-            plain = _unaugmented(train_ds, test_ds, info)
+            # the training split without augmentation, in file order: every recalibration (and run) sees
+            # the same images, whichever thread does it
+            plain, _ = get_dataset(name, args.data_dir, True, fake_size=args.fake_size,
+                                   input_size=fake_input_size(model), augment=False)
             if len(plain) < args.recal_batches * args.batch_size:
                 raise CLIError(f"--recal-batches {args.recal_batches} x --batch-size {args.batch_size} needs "
                                f"{args.recal_batches * args.batch_size} training images, {name} has {len(plain)}")
@@ -170,7 +158,7 @@ def _print_tables(result) -> None:
 def register(subparsers) -> None:
     p = add_command(subparsers, "explain", cmd_explain, folder_out=True,
                     defaults=dict(G=4, T=0, alpha=1.0, images=256, batch_size=128, eval_images=2000, recal_batches=8,
-                                  rows=1024, bootstrap=1000, json=False, drop=True, fake_size=256),
+                                  rows=DEFAULT_ROWS, bootstrap=1000, json=False, drop=True, fake_size=256),
                     help="test what the KSE indicator says about each feature map against real images",
                     description="For every input feature map of the chosen layers: KSE's sparsity, entropy, "
                                 "indicator and centroid count (no data), the L1 norm of the filter producing it, and, "
@@ -199,7 +187,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-drop", dest="drop", action="store_false", default=None,
                    help="skip the channel-dropping table")
     p.add_argument("--rows", type=int, default=None,
-                   help="image copies per forward in the ablation, channels x images (default 1024; memory bound)")
+                   help=f"image copies per forward in the ablation, channels x images (default {DEFAULT_ROWS}; "
+                        "memory grows with it)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="R", help="bootstrap resamples (default 1000)")
     p.add_argument("--show-layer", default=None, metavar="NAME",
                    help="the layer whose feature maps feature_maps.png shows (default: the middle one)")
