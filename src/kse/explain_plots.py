@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -225,25 +226,36 @@ def plot_kernels(result: Explanation, path: Union[str, Path], layers: Optional[S
             labels.append(f"{name} #{c} ({tag}) v={float(v[c]):.2f} {_count_label(int(q[c]), N)}")
             width = max(width, top.shape[1])
     gap = 2
-    rows = sum(b.shape[0] + gap for b in blocks)
-    canvas = np.full((rows, width), np.nan)
-    y, ys = 0, []
-    for b in blocks:
-        canvas[y:y + b.shape[0], :b.shape[1]] = b
-        ys.append(y)
-        y += b.shape[0] + gap
-    img_w = min(11.0, 0.035 * width)  # inches for the kernels; labels take 3 more on the left
+    per_layer = 3  # blocks per layer (highest, middle, lowest)
+    total = sum(b.shape[0] + gap for b in blocks)
+    # layers in columns, so that the picture is about as tall as wide
+    ncols = int(min(4, max(1, round(math.sqrt(total / (width * 1.5))))))
+    n_layers = len(blocks) // per_layer
+    per_col = math.ceil(n_layers / ncols)
+    columns = [list(range(c * per_col * per_layer, min(len(blocks), (c + 1) * per_col * per_layer)))
+               for c in range(ncols)]
+    rows = max(sum(blocks[i].shape[0] + gap for i in col) for col in columns)
+    img_w = min(7.0, max(2.5, 0.05 * width))  # inches of kernels per column; labels take 2.6 more
     img_h = img_w * rows / width
-    fig = plt.figure(figsize=(img_w + 3.2, img_h + 0.5))
-    ax = fig.add_axes((3.1 / (img_w + 3.2), 0.1 / (img_h + 0.5), img_w / (img_w + 3.2), img_h / (img_h + 0.5)))
+    col_w = img_w + 2.6
+    fig = plt.figure(figsize=(col_w * ncols, img_h + 0.6))
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
-    ax.imshow(canvas, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
-    for y0, text, b in zip(ys, labels, blocks):
-        ax.text(-2, y0 + b.shape[0] / 2, text, ha="right", va="center", fontsize=6)
-    ax.set_axis_off()
+    for c, col in enumerate(columns):
+        canvas = np.full((rows, width), np.nan)
+        y, ys = 0, []
+        for i in col:
+            canvas[y:y + blocks[i].shape[0], :blocks[i].shape[1]] = blocks[i]
+            ys.append(y)
+            y += blocks[i].shape[0] + gap
+        ax = fig.add_axes(((c * col_w + 2.5) / (col_w * ncols), 0.1 / (img_h + 0.6), img_w / (col_w * ncols),
+                           img_h / (img_h + 0.6)))
+        ax.imshow(canvas, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
+        for y0, i in zip(ys, col):
+            ax.text(-2, y0 + blocks[i].shape[0] / 2, labels[i], ha="right", va="center", fontsize=6)
+        ax.set_axis_off()
     fig.suptitle("kernels W[:, c] (upper row) and their KSE centroids (lower row; empty: channel dropped);\n"
                  "kernels of one cluster side by side, colour scaled per layer (blue < 0 < red)", fontsize=7,
-                 y=1 - 0.02 / (img_h + 0.5))
+                 y=1 - 0.02 / (img_h + 0.6))
     return _save(fig, Path(path), dpi=85)
 
 
