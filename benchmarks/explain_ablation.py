@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import kse
-from kse.ablation import ablation_importance, ablation_importance_hooks
+from kse.ablation import DEFAULT_ROWS, ablation_importance, ablation_importance_hooks
 from kse.explain import match_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", default=["layer1.0.conv1", "layer2.4.conv2", "layer3.7.conv1"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     ap.add_argument("--full", action="store_true", help="all layers, the default method only")
     args = ap.parse_args()
     model = kse.load(args.checkpoint).eval()
