@@ -2,7 +2,7 @@
 
 Standard layers are counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode``
 (one MAC = 2 FLOPs; convolutions and matrix products, as the usual "FLOPs" tables count).
-KSE layers are counted as in the paper's deployment (KSE.md §7, Fig. 2):
+KSE layers are counted as in the paper's deployment (docs/method.md §7, Fig. 2):
 
     2D part    sum_c q_c * kh * kw * H'W'      multiply-accumulates
     fusion     N * (C_kept - 1) * H'W'         additions (reported separately)

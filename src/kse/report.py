@@ -1,5 +1,5 @@
 """Reporting helpers for the ``kse`` command: text and Markdown tables, number formatting,
-per-layer summaries of a KSE plan (KSE.md §3-4), plots, and CPU latency measurement.
+per-layer summaries of a KSE plan (docs/method.md §3-4), plots, and CPU latency measurement.
 
 Latency is the median wall time of ``repeats`` forward passes after ``warmup`` passes, under
 ``torch.no_grad``, on one random batch (the median, not the minimum: it is what a caller sees

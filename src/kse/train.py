@@ -1,7 +1,7 @@
 """Training recipes as plain functions, after torchvision's ``references/classification``:
 ``train_one_epoch``, ``evaluate`` and ``fit`` (epochs, checkpoints, resume, metrics).
 
-Baseline training and KSE fine-tuning share them (KSE.md §6: SGD with momentum, multistep
+Baseline training and KSE fine-tuning share them (docs/method.md §6: SGD with momentum, multistep
 or cosine learning rate). ``fit`` writes ``last.ckpt`` atomically after every epoch
 (safetensors; optimizer, scheduler and RNG state included, no pickle), then rewrites
 ``metrics.jsonl`` (one JSON line per epoch, from the rows the checkpoint holds);
