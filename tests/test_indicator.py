@@ -135,10 +135,11 @@ def test_centroid_counts_bad_arguments(kwargs, match):
 
 
 def _counts_reference(v: float, N: int, G: int, T: int) -> int:
-    """Eq. 8 with exact rational arithmetic, one channel at a time."""
+    """Eq. 8, one channel at a time: the bucket from the float64 product v * G (as the library and the
+    paper's floor(v*G) on floating-point indicators), the count in exact rational arithmetic."""
     from fractions import Fraction
 
-    vG = Fraction(v) * G
+    vG = Fraction(v * G)
     g = math.floor(vG)
     if g == 0:
         return 0
