@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 import kse
-from kse import budget, prune
+from kse import budget, dead_channels
 
 compress = importlib.import_module("kse.compress")  # the module (kse.compress is the function)
 
@@ -48,7 +48,7 @@ def timed(owner, name, log):
 def run(cfg: kse.KSEConfig) -> dict:
     log: dict = {}
     originals = [(owner, name, timed(owner, name, log)) for owner, name in (
-        (budget, "fit_to_target_"), (prune.ChannelGraph, "build"), (compress, "build_replacements"),
+        (budget, "fit_to_target_"), (dead_channels.ChannelGraph, "build"), (compress, "build_replacements"),
         (compress, "swap_in"), (compress, "plan"), (compress, "find_dead_channels"))]
     try:
         model = torchvision.models.resnet50().eval()

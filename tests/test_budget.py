@@ -331,7 +331,7 @@ def fake_latency(monkeypatch, ms_per_mac=1e-6, fixed_ms=0.5):
 
     def measure(model, new, final, example, input_size, batch):
         from kse.compress import swap_in
-        from kse.modules import set_module
+        from kse.module_utils import set_module
         originals = swap_in(model, new, final, example)
         try:
             prof = kse.profile(model, input_size)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import kse
 from kse.models import get_model
-from kse.prune import shrink_batchnorm, shrink_conv
+from kse.dead_channels import shrink_batchnorm, shrink_conv
 from kse.serialization import CheckpointError, checksum, pack_indices, read_metadata, unpack_indices
 from safetensors import safe_open
 from safetensors.torch import save_file

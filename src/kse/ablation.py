@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fold import fold_batchnorm
-from .modules import eval_mode
+from .module_utils import eval_mode
 
 # Rows (image copies) per forward of the rest of the network: more amortise the per-operation
 # cost, fewer keep the activations in cache (and a 16 x 28 x 28 float map x 512 rows, 25 MiB,

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .conv import KSEConv2d
 from .indicator import centroid_counts
-from .modules import capture_layer_inputs, eval_mode
+from .module_utils import capture_layer_inputs, eval_mode
 
 QUANTITIES = ("macs", "params", "bytes", "latency_ms")
 FIELDS = {"macs": "target_macs", "params": "target_params", "bytes": "target_bytes", "latency_ms": "target_latency_ms"}
@@ -327,7 +327,7 @@ class _Search:
     """Options, costs and caches for one model and config; :meth:`run` picks and builds."""
 
     def __init__(self, model: nn.Module, cfg, plans, example: Tensor) -> None:
-        from .prune import ChannelGraph
+        from .dead_channels import ChannelGraph
 
         self.model, self.cfg, self.plans, self.example = model, cfg, plans, example
         self.input_size = tuple(example.shape[1:])
@@ -699,7 +699,7 @@ def _measure_latency(model, new, final, example, input_size, batch) -> float:
     """Swap the candidate in, deploy it in its fastest forms, time it, swap the original back."""
     from .compress import swap_in
     from .deploy import deploy_
-    from .modules import set_module
+    from .module_utils import set_module
     from .report import measure_latency
 
     originals = swap_in(model, new, final, example)

@@ -5,7 +5,7 @@ Steps (KSE Sec. 3, applied once to all chosen layers of a trained model):
    == 1, not the first convolution, filtered by ``include``/``exclude``/``filter_fn``;
 2. score each input channel with the KSE indicator and turn scores into centroid counts;
 3. cluster the kernels (batched k-means) and build a :class:`~kse.conv.KSEConv2d` per layer;
-4. remove dead producer channels exactly (:mod:`kse.prune`);
+4. remove dead producer channels exactly (:mod:`kse.dead_channels`);
 5. swap the new modules in. Nothing is changed until every step has succeeded, and the
    swap itself is undone if it fails: a failed ``compress_`` leaves the model as it was.
 
@@ -38,8 +38,8 @@ from .config import KSEConfig
 from .conv import KSEConv2d
 from .indicator import _indicator64, centroid_counts
 from .kmeans import cluster_many
-from .modules import check_has_values, eval_mode, set_module
-from .prune import find_dead_channels, shrink_batchnorm, shrink_conv
+from .module_utils import check_has_values, eval_mode, set_module
+from .dead_channels import find_dead_channels, shrink_batchnorm, shrink_conv
 
 
 @dataclass
@@ -278,7 +278,7 @@ def build_replacements(model: nn.Module, plans: List[LayerPlan], cfg: KSEConfig,
     """The modules that replace the model's, nothing changed yet: ``(new, final)``, the KSE
     layers alone (:func:`build_layers`; ``clusters`` and ``seed_index`` go to it) and with
     dead channels removed (``final`` also holds shrunk producers and BatchNorms). ``graph`` is
-    a :class:`kse.prune.ChannelGraph` already traced for ``model``."""
+    a :class:`kse.dead_channels.ChannelGraph` already traced for ``model``."""
     new: Dict[str, nn.Module] = dict(build_layers(model, plans, cfg, verbose, clusters, seed_index))
     final = dict(new)
     if cfg.remove_dead_channels:

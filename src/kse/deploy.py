@@ -41,7 +41,7 @@ from torch import Tensor
 from . import forms, fused
 from .conv import KSEConv2d
 from .forms import FORMS, INFERENCE_FORMS, batch_form, parse_form, without_fused
-from .modules import capture_layer_inputs, eval_mode
+from .module_utils import capture_layer_inputs, eval_mode
 from .timing import time_call
 
 # deploy_(form="auto") skips a candidate estimated to need more than memory_factor times the

@@ -53,7 +53,7 @@ from .ablation import DEFAULT_ROWS, Progress, _map_threads, _say, _Tracer, ablat
 from .compress import LayerPlan, build_layers, plan, select_layers
 from .config import KSEConfig
 from .indicator import kernel_entropy, kernel_sparsity
-from .modules import capture_layer_inputs, set_module
+from .module_utils import capture_layer_inputs, set_module
 from .recalibrate import recalibrate_bn_
 
 # scores compared with the ablation importance (item 2), and those whose choice of channels is

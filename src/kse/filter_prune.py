@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .modules import eval_mode
+from .module_utils import eval_mode
 
 DEFAULT_LAYERS = ("*.conv1",)  # the first conv of every residual block (CIFAR and torchvision ResNets)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .conv import KSEConv2d
-from .modules import set_module
+from .module_utils import set_module
 
 
 class _Tracer(fx.Tracer):

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import KSEConv2d
-from .modules import eval_mode
+from .module_utils import eval_mode
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .conv import KSEConv2d
-from .modules import capture_layer_inputs, eval_mode, set_module  # noqa: F401 (re-exported)
+from .module_utils import capture_layer_inputs, eval_mode, set_module  # noqa: F401 (re-exported)
 from .timing import time_call
 
 

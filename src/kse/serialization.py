@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import save_safetensors
 from .conv import KSEConv2d, centroid_offsets, parse_form, without_fused
-from .modules import check_has_values, set_module
+from .module_utils import check_has_values, set_module
 
 FORMAT = "kse"
 # 1: the first format; 2: adds "checksum" (always verified) and "module_versions"

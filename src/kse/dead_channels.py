@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .modules import eval_mode
+from .module_utils import eval_mode
 
 # grad_fn names (without "Backward<n>") of operations that act on each channel separately
 _CHANNELWISE_OPS = {
