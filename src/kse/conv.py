@@ -393,8 +393,6 @@ class KSEConv2d(nn.Module):
         scale, shift, _ = self._epilogue
         return scale, scale * bias + shift
 
-    _affine = affine  # NOTE: read by kse.fused.prepare; remove once that calls affine()
-
     # ------------------------------------------------------------------ channel removal
     def remove_out_channels(self, remove: Sequence[int]) -> "KSEConv2d":
         """A copy without output channels ``remove`` (:func:`remove_out_channels`)."""

@@ -79,8 +79,8 @@ def prepare(layer, rows_per_chunk: Optional[int] = None) -> dict:
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0).to(torch.int32)
     kh, kw = layer.kernel_size
-    scale, bias = layer._affine()  # outputs = scale * sum + bias (a folded BatchNorm, or 1 and the bias)
-    relu = layer._epilogue is not None and layer._epilogue[2]
+    scale, bias = layer.affine()  # outputs = scale * sum + bias (a folded BatchNorm, or 1 and the bias)
+    relu = layer.epilogue is not None and layer.epilogue[2]
     starts, rows, limit = [0], 0, rows_per_chunk or chunk_rows(layer.out_channels)
     for c, q in enumerate(counts.tolist()):
         if rows and rows + q > limit:
