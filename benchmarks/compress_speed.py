@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import kse
-from kse.conv import cluster_kernels
+from kse.kmeans import cluster_kernels
 
 
 def official_layer(weight: torch.Tensor, counts: torch.Tensor, k: int = 5) -> None:

@@ -26,8 +26,9 @@ import torch
 
 import kse
 from kse import fused
-from kse.conv import INFERENCE_FORMS, KSEConv2d, without_fused
+from kse.conv import KSEConv2d
 from kse.deploy import deploy_
+from kse.forms import INFERENCE_FORMS, without_fused
 from kse.timing import time_interleaved
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import kse
-import kse.conv
+import kse.training_weight
 import kse.fused
 from kse.models import get_model
 
@@ -52,7 +52,7 @@ def profile_steps(models: dict, x: torch.Tensor, y: torch.Tensor, rows: int = 12
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
     for name, model in models.items():
-        kse.conv.configure_training(extension=not name.endswith("_stock"))
+        kse.training_weight.configure_training(extension=not name.endswith("_stock"))
         step_time(model, x, y, False, 1)  # warm
         with profile(activities=acts) as prof:
             step_time(model, x, y, False, 2)
@@ -73,15 +73,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print each model's top operators (torch.profiler) to stderr")
     ap.add_argument("--stock-weight", action="store_true",
                     help="also time the compressed model with W' built by stock operations instead of the compiled "
-                         "extension (kse.conv.configure_training(extension=False)), as model kse_g<G>_stock")
+                         "extension (kse.training_weight.configure_training(extension=False)), as model kse_g<G>_stock")
     ap.add_argument("--select-max-kept", type=float, default=None,
-                    help="kse.conv.configure_training(select_max_kept=...): fraction of kept channels above which training "
+                    help="kse.training_weight.configure_training(select_max_kept=...): fraction of kept channels above which training "
                          "convolves all channels with zero kernels instead of gathering the kept ones")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.select_max_kept is not None:
-        kse.conv.configure_training(select_max_kept=args.select_max_kept)
+        kse.training_weight.configure_training(select_max_kept=args.select_max_kept)
     if args.checkpoint:
         dense = kse.load(args.checkpoint)
         size = tuple(dense.kse_preprocess["input_size"])
@@ -101,13 +101,13 @@ def main() -> None:
     samples = {(name, amp): [] for name in models for amp in (False, True)}
     for r in range(args.rounds):  # the order reversed every round: a fixed order favoured some entries by ~5%
         for (name, amp) in (list(samples) if r % 2 == 0 else list(samples)[::-1]):
-            kse.conv.configure_training(extension=not name.endswith("_stock"))
+            kse.training_weight.configure_training(extension=not name.endswith("_stock"))
             samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
     if args.profile:
         profile_steps(models, x, y)
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
               "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
-              "select_max_kept": kse.conv.configure_training()["select_max_kept"],
+              "select_max_kept": kse.training_weight.configure_training()["select_max_kept"],
               "weight_built_by": ("stock operations (not on the CPU)" if args.device != "cpu" else "extension"
                                   if kse.fused.available() else f"stock operations ({kse.fused.build_error()})")}
     for (name, amp), ts in samples.items():

@@ -21,7 +21,7 @@ import time
 import torch
 
 import kse
-import kse.conv
+import kse.training_weight
 from kse import fused
 from kse.conv import KSEConv2d
 
@@ -55,7 +55,7 @@ def main() -> None:
         upstream = torch.randn_like(layer.training_weight(cl))  # over the channels the forward convolves
 
         def forward(ext: bool):
-            kse.conv.configure_training(extension=ext)
+            kse.training_weight.configure_training(extension=ext)
             return layer.training_weight(cl)
 
         def both(ext: bool):
@@ -70,7 +70,7 @@ def main() -> None:
                 tag = "ext" if ext else "stock"
                 times[f"{tag}_fwd"].append(per_call_us(lambda: forward(ext), args.repeats))
                 times[f"{tag}_fwd_bwd"].append(per_call_us(lambda: both(ext), args.repeats))
-        kse.conv.configure_training(extension=True)
+        kse.training_weight.configure_training(extension=True)
         row = {"layer": name, "weight": list(fast.shape), **{k: round(statistics.median(v), 2) for k, v in times.items()}}
         layers.append(row)
         stage = stages.setdefault(name.split(".")[0], dict.fromkeys(times, 0.0))

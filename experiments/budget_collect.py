@@ -26,7 +26,7 @@ import torch
 
 import kse
 from kse.budget import latency_forms
-from kse.conv import INFERENCE_FORMS
+from kse.forms import INFERENCE_FORMS
 from kse.data import get_dataset
 from kse.deploy import deploy_
 from kse.report import markdown_table

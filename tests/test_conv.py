@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kse.conv import KSEConv2d, cluster_kernels, cluster_many, gather_elements
+from kse.conv import KSEConv2d
+from kse.kmeans import cluster_kernels, cluster_many
+from kse.serialization import local_assignment
+from kse.training_weight import gather_elements
 
 
 def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
@@ -117,7 +120,7 @@ def test_centroids_are_means_of_member_kernels():
     conv, layer, counts = make_layer(C=4, N=12, counts=torch.tensor([3, 5, 1, 12]))
     w = conv.weight.detach()
     for j, c in enumerate(layer.kept_channels.tolist()):
-        local = layer.local_assignment()[j]
+        local = local_assignment(layer)[j]
         for idx in local.unique():
             members = w[local == idx, c]
             torch.testing.assert_close(layer.centroids[layer.assignment[j][local == idx][0]], members.mean(0))
@@ -166,9 +169,9 @@ def test_eval_mode_fine_tuning_follows_the_steps(reference_forward):
 def test_training_weight_follows_edits_of_the_assignment(extension, counts, monkeypatch):
     # W' for training comes from index tensors cached per layer: a new assignment / kept-channel
     # buffer rebuilds them, an in-place edit after refresh()
-    import kse.conv
+    import kse.training_weight
 
-    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+    monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", extension)
     conv, layer, _ = make_layer(counts=torch.tensor(counts))
     layer.train()
     x = torch.randn(2, 6, 7, 7)
@@ -316,17 +319,17 @@ def test_unbatched_input_works_in_every_form(form):
 
 
 def test_configure_training_switches_and_restores(monkeypatch):
-    import kse.conv
+    import kse.training_weight
 
-    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", True)
-    monkeypatch.setattr(kse.conv, "_TRAIN_SELECT_MAX_KEPT", 2 / 3)
+    monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", True)
+    monkeypatch.setattr(kse.training_weight, "_SELECT_MAX_KEPT", 2 / 3)
     _, layer, _ = make_layer(C=6, counts=torch.tensor([0, 3, 1, 5, 2, 8]))  # 5 of 6 kept
     layer.train()
     assert layer.training_weight().shape[1] == 6  # all input channels, zero kernels for the dropped one
-    before = kse.conv.configure_training(extension=False, select_max_kept=0.9)
+    before = kse.training_weight.configure_training(extension=False, select_max_kept=0.9)
     assert before == {"extension": True, "select_max_kept": pytest.approx(2 / 3)}
     assert layer.training_weight().shape[1] == 5  # 5/6 <= 0.9: the kept channels gathered
-    assert kse.conv.configure_training(**before) == {"extension": False, "select_max_kept": 0.9}
+    assert kse.training_weight.configure_training(**before) == {"extension": False, "select_max_kept": 0.9}
     for bad in (1.5, float("nan")):
         with pytest.raises(ValueError, match="select_max_kept must be a fraction in"):
-            kse.conv.configure_training(select_max_kept=bad)
+            kse.training_weight.configure_training(select_max_kept=bad)

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kse
-from kse.conv import INFERENCE_FORMS, KSEConv2d, parse_form
+from kse.conv import KSEConv2d
+from kse.forms import INFERENCE_FORMS, parse_form
 from kse.models import get_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kse
-import kse.conv
+import kse.training_weight
 from kse import fused
 from kse.conv import KSEConv2d
 
@@ -278,7 +278,7 @@ def test_tap_mask_cache_is_bounded_and_rebuilt(assert_same_function):
 
 
 def _train_weight(layer, full, channels_last, extension, monkeypatch):
-    monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+    monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", extension)
     return layer.training_weight(channels_last, full)
 
 
@@ -296,8 +296,8 @@ def test_training_weight_from_the_extension_equals_stock_operations(dtype, full,
     fast = _train_weight(layer, full, channels_last, True, monkeypatch)
     stock = _train_weight(layer, full, channels_last, False, monkeypatch)
     assert fast.grad_fn.name().endswith("ExpandWeight>") and not stock.grad_fn.name().endswith("ExpandWeight>")
-    rows = kse.conv.kernel_rows(layer.assignment, layer.kept_channels, layer.in_channels, full)
-    assert kse.conv.rows_are_disjoint(rows, len(layer.centroids))  # own centroids per channel: a parallel backward
+    rows = kse.training_weight.kernel_rows(layer.assignment, layer.kept_channels, layer.in_channels, full)
+    assert kse.training_weight.rows_are_disjoint(rows, len(layer.centroids))  # own centroids per channel: a parallel backward
     assert fast.shape == stock.shape == (9, 19 if full else 16, *k) and fast.stride() == stock.stride()
     assert torch.equal(fast, stock)
     for upstream in (torch.randn(stock.shape, generator=g), torch.randn(stock.shape, generator=g).contiguous(
@@ -340,7 +340,7 @@ def test_gradient_of_the_centroid_gradient_equals_stock_operations(channels_last
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     second = []
     for extension in (True, False):
-        monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+        monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", extension)
         loss = layer(x).tanh().square().sum()
         g, = torch.autograd.grad(loss, layer.centroids, create_graph=True)
         second.append((g.detach(), torch.autograd.grad(g.square().sum(), layer.centroids)[0]))
@@ -395,7 +395,7 @@ def test_training_steps_with_the_extension_equal_stock_operations(monkeypatch, t
     models = {flag: copy.deepcopy(model).to(memory_format=torch.channels_last).train() for flag in (True, False)}
     x = torch.randn(4, 1, 16, 16).contiguous(memory_format=torch.channels_last)
     for flag, m in models.items():
-        monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", flag)
+        monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", flag)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         for _ in range(3):
             opt.zero_grad()
@@ -438,7 +438,7 @@ def test_func_transforms_forward_ad_and_batched_gradients_equal_stock_operations
     for name, case in cases.items():
         got = {}
         for extension in (True, False):
-            monkeypatch.setattr(kse.conv, "_TRAIN_EXPAND_EXTENSION", extension)
+            monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", extension)
             got[extension] = case()
         assert got[False].abs().max() > 0, name
         torch.testing.assert_close(got[True], got[False], msg=name)
@@ -580,6 +580,6 @@ def test_string_paddings_run_in_the_kernel(padding, assert_same_function):
     assert_same_function(got, ref)
     # an even kernel under "same" pads one side more: not for the kernel, a clear error
     even = KSEConv2d.from_conv(nn.Conv2d(6, 8, 2, padding="same"), torch.tensor([0, 3, 8, 2, 5, 1]))
-    assert even.kernel_padding() is None and not fused.supports(even)
+    assert fused.kernel_padding(even) is None and not fused.supports(even)
     with pytest.raises(ValueError, match="equal padding on both sides"):
         even.set_form("fused")

@@ -81,7 +81,7 @@ def fused_conv_args(C, N, k, p, H, W, B, relu, channels_last, seed=0):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     kh, kw = layer.kernel_size
-    ph, pw = layer.kernel_padding()
+    ph, pw = fused.kernel_padding(layer)
     return (x, t["kept"], t["cents"], t["offsets"], t["assign"], t["scale"], t["bias"], t["chunks"], kh, kw, ph, pw,
             t["relu"])
 

@@ -7,6 +7,7 @@ import torchvision
 
 import kse
 from kse.models import get_model
+from kse.serialization import index_bit_widths
 
 
 def test_cifar_resnet56_counts():
@@ -36,7 +37,7 @@ def test_kse_layer_counted_as_in_paper():
     assert p.params == 10 * 9
     # stored: 10 centroids x 9 floats, 4-bit mask, indices: q=3 -> 2 bits x 6 kernels (q=1, q=N need none)
     assert p.stored_bits == 10 * 9 * 32 + 4 + 6 * 2
-    assert layer.index_bit_widths() == [0, 2, 0]
+    assert index_bit_widths(layer) == [0, 2, 0]
 
 
 def test_compressed_resnet_counts_fall():

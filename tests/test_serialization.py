@@ -11,7 +11,7 @@ import torch.nn as nn
 import kse
 from kse.models import get_model
 from kse.dead_channels import shrink_batchnorm, shrink_conv
-from kse.serialization import CheckpointError, checksum, pack_indices, read_metadata, unpack_indices
+from kse.serialization import CheckpointError, checksum, index_bit_widths, pack_indices, read_metadata, unpack_indices
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -165,7 +165,7 @@ def test_profile_index_bits_match_the_file(tmp_path):
         for name, m in net.named_modules():
             if isinstance(m, kse.KSEConv2d):
                 packed = f.get_tensor(f"{name}.assignment_packed")
-                assert packed.numel() == -(-m.out_channels * sum(m.index_bit_widths()) // 8)
+                assert packed.numel() == -(-m.out_channels * sum(index_bit_widths(m)) // 8)
 
 
 def test_malformed_checkpoint_structure(tmp_path):

@@ -563,7 +563,7 @@ def latency_forms() -> Tuple[str, ...]:
     """The deploy forms a latency budget measures: :func:`kse.deploy_`'s, and the compiled
     kernel's where it builds (at batch 1 it is often the only form faster than the dense conv)."""
     from . import fused
-    from .conv import INFERENCE_FORMS
+    from .forms import INFERENCE_FORMS
 
     forms = tuple(INFERENCE_FORMS)
     return forms + ("fused",) if "fused" not in forms and fused.available() else forms

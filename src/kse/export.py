@@ -97,7 +97,7 @@ def forms_for_format(forms: Dict[str, str], fmt: str, form: str = "auto") -> Dic
     NOTE: onnxruntime cannot run the compiled kernel, and runs the channel gather of ``"dense"``
     slowly (forms measured in PyTorch say nothing of it): zero kernels for the dropped channels.
     """
-    from .conv import without_fused
+    from .forms import without_fused
 
     if fmt != "onnx":
         return dict(forms)

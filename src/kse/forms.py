@@ -99,6 +99,18 @@ def affine_output(out: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], 
     return F.relu(out) if relu else out
 
 
+def epilogue(scale: Tensor, shift: Optional[Tensor], relu: bool, out_channels: int,
+             like: Tensor) -> Tuple[Tensor, Tensor, bool]:
+    """``(scale, shift, relu)`` for :meth:`KSEConv2d.set_epilogue`: one value per output channel
+    (``shift`` default 0), detached, on ``like``'s device and in its dtype."""
+    scale = torch.as_tensor(scale).detach().reshape(-1)
+    shift = torch.zeros(out_channels) if shift is None else torch.as_tensor(shift).detach().reshape(-1)
+    if len(scale) != out_channels or len(shift) != out_channels:
+        raise ValueError(f"scale and shift need {out_channels} values (one per output channel), "
+                         f"got {len(scale)} and {len(shift)}")
+    return scale.to(like.device, like.dtype), shift.to(like.device, like.dtype), bool(relu)
+
+
 def _epilogue_tensors(layer) -> Tuple[Optional[Tensor], Optional[Tensor], bool]:
     """``(scale or None, bias or None, relu)`` of the layer's output ``scale * conv + bias``."""
     if layer.epilogue is None:
@@ -221,7 +233,7 @@ def memory_split(layer, shape) -> int:
 def prepare_fused(layer) -> Tensors:
     t = dict(fused.prepare(layer))
     t["cents"] = t["cents"].clone()  # a copy, as the other forms' tensors: in-place edits need a refresh
-    t["geometry"] = (tuple(layer.kernel_size), layer.kernel_padding())
+    t["geometry"] = (tuple(layer.kernel_size), fused.kernel_padding(layer))
     t["fallback"] = prepare_dense(layer) if layer.centroids.device.type != "cpu" else None
     return t
 

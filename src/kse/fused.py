@@ -18,7 +18,7 @@ the kernel reads is checked first.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,13 +63,25 @@ def build_error() -> Optional[str]:
     return ops.build_error()
 
 
+def kernel_padding(layer) -> Optional[Tuple[int, int]]:
+    """The layer's padding as the two numbers the kernel takes (``"valid"``: none; ``"same"``:
+    half the dilated kernel on each side), or ``None`` where ``"same"`` pads one side more than
+    the other."""
+    if not isinstance(layer.padding, str):
+        return tuple(layer.padding)
+    if layer.padding == "valid":
+        return 0, 0
+    spans = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    return None if any(s % 2 for s in spans) else (spans[0] // 2, spans[1] // 2)
+
+
 def supports(layer) -> bool:
     """The layer shapes the kernel handles: stride 1, dilation 1, float32, at least one kept
     channel, the same padding on both sides of each axis (numbers, ``"valid"``, or ``"same"``
     with an odd kernel)."""
     return (tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
             and layer.centroids.dtype == torch.float32 and len(layer.kept_channels) > 0
-            and layer.kernel_padding() is not None)
+            and kernel_padding(layer) is not None)
 
 
 def prepare(layer, rows_per_chunk: Optional[int] = None) -> dict:
@@ -102,7 +114,7 @@ def expand_weight(centroids: Tensor, rows: Tensor, channels_last: bool, disjoint
     of a centroid is the sum of its kernels' gradients). ``centroids: [M, kh, kw]`` on the CPU,
     ``rows``: contiguous int32. One call of the operator ``kse::expand_weight`` and one autograd
     node (:func:`kse.ops.expand_weight`; stock operations where the extension is not built);
-    the stock operations it replaces are :func:`kse.conv.gather_elements` and its views. With
+    the stock operations it replaces are :func:`kse.training_weight.gather_elements` and its views. With
     ``disjoint`` (only if no centroid row appears in two columns ``j``, as in a KSE layer, where
     every input channel has its own centroids) the backward reduces the columns in parallel."""
     return ops.expand_weight(centroids, rows, channels_last, disjoint)

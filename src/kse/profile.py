@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import KSEConv2d
+from .serialization import index_bit_widths
 from .module_utils import eval_mode
 
 
@@ -72,7 +73,7 @@ def kse_layer_bits(layer: KSEConv2d) -> int:
     bits = layer.centroids.numel() * width + layer.in_channels
     if layer.bias is not None:
         bits += layer.bias.numel() * width
-    return bits + layer.out_channels * sum(layer.index_bit_widths())
+    return bits + layer.out_channels * sum(index_bit_widths(layer))
 
 
 def _own_tensor_bits(m: nn.Module) -> int:

@@ -44,7 +44,9 @@ from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 
 from .atomic import save_safetensors
-from .conv import KSEConv2d, centroid_offsets, parse_form, without_fused
+from .conv import KSEConv2d
+from .forms import parse_form, without_fused
+from .kmeans import centroid_offsets
 from .module_utils import check_has_values, set_module
 
 FORMAT = "kse"
@@ -66,6 +68,21 @@ class _Malformed(Exception):
 
 
 # ----------------------------------------------------------------------------- index packing
+def local_assignment(layer: KSEConv2d) -> torch.Tensor:
+    """``LongTensor[C_kept, N]``: each kernel's centroid index within its own channel,
+    ``assignment[j, n] - sum_{i<j} q_i`` (what :func:`pack_indices` stores)."""
+    return layer.assignment - centroid_offsets(layer.centroid_counts).unsqueeze(1)
+
+
+def index_bit_widths(layer: KSEConv2d) -> list:
+    """Bits per stored index, per kept channel (KSE Sec. 3.5): ``ceil(log2 q_c)``; 0 when
+    ``q_c = 1``, or when a channel kept whole (``q_c = N``) maps kernel n to centroid n."""
+    local = local_assignment(layer)
+    identity = torch.arange(layer.out_channels, device=local.device)
+    return [0 if q == 1 or (q == layer.out_channels and torch.equal(local[j], identity)) else math.ceil(math.log2(q))
+            for j, q in enumerate(layer.centroid_counts.tolist())]
+
+
 def pack_indices(local: torch.Tensor, widths: list) -> torch.Tensor:
     """Pack ``local: LongTensor[K, N]`` row j with ``widths[j]`` bits per value (LSB first)."""
     bits = []
@@ -138,7 +155,7 @@ def _module_spec(m: nn.Module) -> Dict[str, Any]:
                 "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
                 "dilation": list(m.dilation), "bias": m.bias is not None,
                 "kept": m.kept_channels.tolist(), "counts": m.centroid_counts.tolist(),
-                "index_bits": m.index_bit_widths(), "form": m.form}
+                "index_bits": index_bit_widths(m), "form": m.form}
     raise TypeError(f"cannot describe a {type(m).__name__}")
 
 
@@ -498,7 +515,7 @@ def save(model: nn.Module, path: Union[str, Path], preprocess: Optional[Dict[str
         if type(m) is KSEConv2d:
             spec = _module_spec(m)
             modules[name] = spec
-            tensors[f"{name}.assignment_packed"] = pack_indices(m.local_assignment(), spec["index_bits"])
+            tensors[f"{name}.assignment_packed"] = pack_indices(local_assignment(m), spec["index_bits"])
         elif type(m) in _RESHAPED:
             ref = ref_modules.get(name)
             if ref is None or type(ref) is not type(m) or _module_spec(ref) != _module_spec(m):

@@ -433,7 +433,7 @@ def deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fus
     """Put the KSE layers in their fastest CPU forms, measured at batch 1 and 8 by default (a form
     per batch size where they differ), with ``fused`` the compiled kernel among them when it
     builds; ``{}`` for a dense model."""
-    from ..conv import INFERENCE_FORMS
+    from ..forms import INFERENCE_FORMS
     from ..deploy import deploy_
 
     if not kse_layers(model):

@@ -16,7 +16,7 @@ from .common import (CLIError, add_command, add_common, at_least, busy_note, che
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from .. import fused
-    from ..conv import INFERENCE_FORMS
+    from ..forms import INFERENCE_FORMS
     from ..deploy import deploy_
     from ..report import text_table
 

@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _bench(model: torch.nn.Module, input_size: tuple, batch_sizes: List[int], warmup: int,
            repeats: int, use_fused: bool = False) -> List[Dict[str, Any]]:
     from .. import fused
-    from ..conv import INFERENCE_FORMS
+    from ..forms import INFERENCE_FORMS
     from ..deploy import deploy_
     from ..report import capture_layer_inputs, dense_equivalent, measure_latency, time_call
 
