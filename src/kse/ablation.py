@@ -64,7 +64,7 @@ from .module_utils import eval_mode
 # Rows (image copies) per forward of the rest of the network: more amortise the per-operation
 # cost, fewer keep the activations in cache (and a 16 x 28 x 28 float map x 512 rows, 25 MiB,
 # under glibc's largest mmap threshold, so freed activations are reused rather than mapped
-# afresh); on this project's CPU 512 ran faster than 1024 (benchmarks/explain_ablation.py --rows)
+# afresh); benchmarks/explain_ablation.py --rows compares row counts
 DEFAULT_ROWS = 512
 
 Progress = Optional[Callable[[str], None]]

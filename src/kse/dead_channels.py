@@ -53,8 +53,8 @@ def find_dead_channels(model: nn.Module, counts: Dict[str, Tensor], example_inpu
         example_inputs: a batch the model accepts (used to trace the graph, in eval mode).
         channel_multiple: keep every shrunk producer's width a multiple of this (a few dead
             channels stay, which is exact too) where its width was one: kernels for widths
-            such as 13 or 29 run much slower than for 16 or 32 (measured here: a ResNet-56
-            training step 1.3x-1.5x slower with odd widths, channels_last).
+            such as 13 or 29 run slower than for 16 or 32 (measured in
+            benchmarks/train_step.py, ``--channel-multiple 1`` against the default).
     Returns:
         ``{module_name: {"out": channels, "in": channels}}``: output channels to remove from
         convolutions / BatchNorms, and input channels to remove from KSE layers.

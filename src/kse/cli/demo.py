@@ -150,8 +150,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from ..fold import fold_batchnorm
 
         timed.update(baseline_folded=fold_batchnorm(baseline), kse_folded=fold_batchnorm(model))
-        # and the folded baseline in channels_last, the layout where oneDNN runs it fastest (it
-        # takes 1.4x-1.8x less time than NCHW at batch 1 on this project's CPU): the fair baseline
+        # and the folded baseline in channels_last, the layout where oneDNN runs it fastest: the
+        # fair baseline
         cl = fold_batchnorm(copy.deepcopy(baseline).to(memory_format=torch.channels_last))
         timed["baseline_folded_cl"] = lambda x, m=cl: m(x.contiguous(memory_format=torch.channels_last))
     except ValueError as exc:

@@ -123,7 +123,7 @@ def register(subparsers) -> None:
                    help="KSE layer form to export (default auto: for TorchScript the fastest per layer at "
                         "--batch-size on this CPU, the compiled fused kernel among them when it builds; for "
                         "ONNX full, zero kernels for dropped channels: onnxruntime cannot run the kernel, and "
-                        "runs the gather of 'dense' slowly, 0.33x at batch 64 on ResNet-56 here). An explicit "
+                        "runs the gather of 'dense' slowly). An explicit "
                         "form applies to both, except that ONNX gets full where it says fused")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size the forms are chosen for and the TorchScript trace runs at (default 1); "
