@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -36,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import channel_surgery, forms, fused
-from .forms import is_channels_last, without_fused
+from . import channel_surgery, forms
+from .forms import is_channels_last
 from .kmeans import cluster_kernels
 from .training_weight import WeightIndex, convolves_all, expand_centroids, records_gradients
 
@@ -190,10 +189,7 @@ class KSEConv2d(nn.Module):
         if self._epilogue is not None:
             scale, shift, relu = self._epilogue
             self._epilogue = (fn(scale), fn(shift), relu)
-        if "fused" in self.form and not fused.supports(self):  # e.g. .half(): the kernel is float32 only
-            self.form = without_fused(self.form)
-            warnings.warn(f"KSEConv2d: the fused form needs float32 centroids; {self.centroids.dtype} "
-                          f"layers use {self.form!r} instead", RuntimeWarning, stacklevel=2)
+        self.form = forms.supported_form(self)  # e.g. .half(): the fused kernel is float32 only
         return self.refresh()
 
     # ------------------------------------------------------------------ inference forms
@@ -239,8 +235,7 @@ class KSEConv2d(nn.Module):
         return channel_surgery.remove_out_channels(self, remove)
 
     def remove_in_channels(self, remove: Sequence[int]) -> "KSEConv2d":
-        """A copy without input channels ``remove``, all skipped ones
-        (:func:`kse.channel_surgery.remove_in_channels`)."""
+        """A copy without (skipped) input channels ``remove`` (:func:`kse.channel_surgery.remove_in_channels`)."""
         return channel_surgery.remove_in_channels(self, remove)
 
     def compression_ratio(self) -> float:

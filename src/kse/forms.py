@@ -326,6 +326,17 @@ def without_fused(form: str, replacement: str = "dense") -> str:
         return replacement
 
 
+def supported_form(layer) -> str:
+    """``layer.form``, with :func:`without_fused` and a RuntimeWarning where the layer no longer
+    suits the compiled kernel (e.g. after ``.half()``: the kernel is float32 only)."""
+    if "fused" not in layer.form or fused.supports(layer):
+        return layer.form
+    form = without_fused(layer.form)
+    warnings.warn(f"KSEConv2d: the fused form needs float32 centroids; {layer.centroids.dtype} "
+                  f"layers use {form!r} instead", RuntimeWarning, stacklevel=3)
+    return form
+
+
 def default_form(layer) -> str:
     """The eval-mode form of a layer that was not deployed, chosen without measuring: ``"dense"``
     where it reads at most :data:`DEFAULT_GATHER_MAX_KEPT` of its input channels (the gather costs
