@@ -1,0 +1,136 @@
+"""Tabulate the DenseNet-40 experiment written by experiments/fmnist_densenet40.sh.
+
+For the baseline and every fine-tuned model: test top-1 (the last epoch of its training or
+fine-tuning, full 10k test set), params, MACs (paper accounting for KSE layers), file size;
+test top-1 of each cut model before fine-tuning (evaluated here); CPU latency at batch 1 and 64
+with KSE layers in their stock deploy forms (dense / full / split, measured per layer by
+``kse.deploy_``) and with the compiled kernel among them (``fused``), the dense models (the
+baseline, the pruned peer) in both memory layouts (NCHW and channels_last, the faster one is
+reported). All latencies come from one interleaved run per batch size
+(``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
+model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
+
+    python experiments/densenet_collect.py --base checkpoints/densenet40-fmnist.kse \\
+        --base-metrics checkpoints/densenet40-fmnist/metrics.jsonl --out runs/dn40 \\
+        --threads 2 --results experiments/results/densenet40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import kse
+from budget_collect import deployed, describe, last_top1, test_top1  # this folder's tabulation helpers
+from kse.data import get_dataset
+from kse.report import markdown_table
+from kse.timing import time_interleaved
+
+RUNS = [("KSE G=6 (paper's setting)", "g6"), ("KSE G=5", "g5"), ("KSE G=4", "g4"),
+        ("Torch-Pruning global group-magnitude, MACs of KSE G=6", "tp-g6")]
+# quoted from the paper (docs/method.md, section 9), CIFAR-10 at 32x32: not measured here
+PAPER = {"label": "paper: DenseNet-40 KSE G=6, CIFAR-10", "top1": 94.70, "macs": 115e6, "params": 0.39e6}
+
+
+def layouts(model: torch.nn.Module) -> dict:
+    """The model in NCHW and, as a second object, in channels_last."""
+    import copy
+
+    return {"nchw": model, "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, required=True)
+    ap.add_argument("--base-metrics", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the experiment's folder (OUT of the script)")
+    ap.add_argument("--results", type=Path, default=None, help="where to write the JSON and table")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--eval-batches", type=int, default=None, help="cap the test batches (quick checks)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = args.results or args.out
+    results.mkdir(parents=True, exist_ok=True)
+    test_set, _ = get_dataset("fashion-mnist", train=False)
+    if args.eval_batches:
+        test_set = torch.utils.data.Subset(test_set, range(min(len(test_set), 256 * args.eval_batches)))
+    loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+
+    base = {"label": "baseline", **describe(args.base), "top1": last_top1(args.base_metrics)}
+    rows = []
+    for label, key in RUNS:
+        cut, tuned = args.out / f"{key}.kse", args.out / f"ft-{key}" / "model.kse"
+        if not tuned.is_file():
+            print(f"{key}: not fine-tuned yet ({tuned} missing), left out", file=sys.stderr)
+            continue
+        row = {"key": key, "label": label, **describe(tuned), "top1_before": test_top1(kse.load(cut), loader),
+               "top1": last_top1(tuned.parent / "metrics.jsonl")}
+        rows.append(row)
+        print(f"{key}: top-1 {row['top1_before']:.2f} -> {row['top1']:.2f}, {row['macs'] / 1e6:.2f}M MACs",
+              file=sys.stderr, flush=True)
+
+    # latency: every model and layout in one interleaved run per batch size
+    models = {f"baseline {k}": m for k, m in layouts(kse.load(args.base).eval()).items()}
+    for r in rows:
+        path = Path(r["file"])
+        if r["key"].startswith("tp"):
+            models.update({f"{r['key']} {k}": m for k, m in layouts(kse.load(path).eval()).items()})
+        else:
+            models[f"{r['key']} stock"] = deployed(path, fused=False)
+            models[f"{r['key']} fused"] = deployed(path, fused=True)
+    names = list(models)
+    size = tuple(models["baseline nchw"].kse_preprocess["input_size"])
+    latency = {n: {} for n in names}
+    for batch in (1, 64):
+        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+        timed = time_interleaved([models[n] for n in names], x, rounds=args.rounds, repeats=4)
+        for n, t in zip(names, timed):
+            latency[n][f"b{batch}_ms"] = t["median_ms"]
+
+    def fastest(prefix: str, batch: int) -> tuple:
+        ms, layout = min((latency[n][f"b{batch}_ms"], n.split(" ", 1)[1]) for n in names if n.startswith(prefix + " "))
+        return ms, layout
+
+    for r in [base] + rows:
+        key = "baseline" if r is base else r["key"]
+        for batch in (1, 64):
+            if key.startswith("g"):
+                r[f"b{batch}_ms"] = latency[f"{key} stock"][f"b{batch}_ms"]
+                r[f"b{batch}_fused_ms"] = latency[f"{key} fused"][f"b{batch}_ms"]
+            else:
+                r[f"b{batch}_ms"], r[f"b{batch}_layout"] = fastest(key, batch)
+
+    out = {"threads": torch.get_num_threads(), "baseline": base, "rows": rows, "paper": PAPER, "latency_all": latency,
+           "latency": "best round's median of interleaved rounds (kse.timing.time_interleaved)"}
+    (results / "densenet40_fmnist.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    def ms(r: dict, batch: int) -> str:
+        fused = f" / {r[f'b{batch}_fused_ms']:.2f}" if f"b{batch}_fused_ms" in r else ""
+        layout = f" ({r[f'b{batch}_layout']})" if f"b{batch}_layout" in r else ""
+        return f"{r[f'b{batch}_ms']:.2f}{fused}{layout}"
+
+    table = [["baseline", "", f"{base['top1']:.2f}", f"{base['params'] / 1e6:.3f}M", f"{base['macs'] / 1e6:.1f}M",
+              f"{base['file_bytes'] / 2**20:.2f} MiB", ms(base, 1), ms(base, 64)]]
+    for r in rows:
+        table.append([r["label"], f"{r['top1_before']:.2f}", f"{r['top1']:.2f}",
+                      f"{r['params'] / 1e6:.3f}M ({base['params'] / r['params']:.2f}x)",
+                      f"{r['macs'] / 1e6:.1f}M ({base['macs'] / r['macs']:.2f}x)",
+                      f"{r['file_bytes'] / 2**20:.2f} MiB", ms(r, 1), ms(r, 64)])
+    table.append([PAPER["label"], "", f"{PAPER['top1']:.2f}", f"{PAPER['params'] / 1e6:.2f}M",
+                  f"{PAPER['macs'] / 1e6:.0f}M", "", "", ""])
+    md = markdown_table(["model", "top-1 before FT", "top-1", "params", "MACs", "file",
+                         "b1 ms (stock / fused)", "b64 ms (stock / fused)"], table)
+    (results / "densenet40_fmnist.md").write_text(md + "\n")
+    print(json.dumps(out, indent=2))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

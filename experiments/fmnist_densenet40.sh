@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The paper's second network on Fashion-MNIST (docs/densenet.md): the DenseNet-40 (k=12)
+# baseline compressed with KSE at G=4, 5 and 6 (T=0) on the layers the paper compresses (every
+# 3x3 convolution of a dense layer: not the first convolution, the two 1x1 transitions or the
+# classifier), and Torch-Pruning's global group-magnitude pruning of the dense layers' filters
+# at KSE G=6's MACs as the peer; every model fine-tuned with the ResNet-56 experiment's recipe
+# (SGD, lr 0.01, x0.1 at half, weight decay 1e-5, batch 128, bfloat16 autocast). Also the
+# feature-reuse map of the baseline (`kse analyze` at G=6). Every step is skipped when its
+# output exists, and fine-tuning resumes from its last epoch, so an interrupted run continues
+# where it stopped. Then experiments/densenet_collect.py measures and tabulates everything.
+#
+#   BASE=checkpoints/densenet40-fmnist.kse OUT=runs/dn40 EPOCHS=3 bash experiments/fmnist_densenet40.sh
+set -euo pipefail
+BASE=${BASE:-checkpoints/densenet40-fmnist.kse}
+OUT=${OUT:-runs/dn40}
+EPOCHS=${EPOCHS:-3}
+GS=${GS:-"4 5"}   # besides G=6, the paper's setting (always run: the peer matches its MACs)
+KSE=${KSE:-kse}
+FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0)
+PAPER_LAYERS=(--exclude features.1.conv features.3.conv)  # the transitions stay dense
+mkdir -p "$OUT"
+
+finetune() {  # folder, start
+  local dir=$1 start=$2
+  [ -f "$OUT/$dir/model.kse" ] && return
+  local resume=()
+  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
+  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" --epochs "$EPOCHS" "${resume[@]}" \
+    > "$OUT/$dir.log" 2>&1
+}
+
+[ -f "$OUT/analyze-g6/feature_reuse.json" ] || $KSE analyze --checkpoint "$BASE" --G 6 "${PAPER_LAYERS[@]}" \
+  --out "$OUT/analyze-g6" > "$OUT/analyze-g6.txt"
+for G in 6 $GS; do
+  [ -f "$OUT/g$G.kse" ] || $KSE compress --checkpoint "$BASE" --out "$OUT/g$G.kse" --G "$G" "${PAPER_LAYERS[@]}" \
+    > "$OUT/g$G.compress.txt"
+done
+[ -f "$OUT/tp-g6.kse" ] || $KSE prune --checkpoint "$BASE" --out "$OUT/tp-g6.kse" --method tp-global \
+  --match "$OUT/g6.kse" --layers 'features.*.*.conv' > "$OUT/tp-g6.prune.txt"
+for run in g6 tp-g6; do finetune "ft-$run" "$run"; done
+for G in $GS; do finetune "ft-g$G" "g$G"; done
+echo "done: $OUT"
