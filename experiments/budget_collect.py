@@ -65,6 +65,19 @@ def deployed(path: Path, fused: bool) -> torch.nn.Module:
     return model
 
 
+def interleaved_latency(models: dict, size: tuple, rounds: int, batch_sizes=(1, 64)) -> dict:
+    """name -> {"b1_ms": ..., "b64_ms": ...}: every model timed in one interleaved run per batch
+    size (``kse.timing.time_interleaved``, the best round's median)."""
+    names = list(models)
+    latency = {n: {} for n in names}
+    for batch in batch_sizes:
+        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+        timed = time_interleaved([models[n] for n in names], x, rounds=rounds, repeats=4)
+        for n, t in zip(names, timed):
+            latency[n][f"b{batch}_ms"] = t["median_ms"]
+    return latency
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True)
@@ -106,14 +119,7 @@ def main(argv=None) -> int:
         models[f"{r['budget']} {r['method']} stock"] = deployed(path, fused=False)
         if r["method"].startswith("kse"):
             models[f"{r['budget']} {r['method']} fused"] = deployed(path, fused=True)
-    names = list(models)
-    size = tuple(models["baseline"].kse_preprocess["input_size"])
-    latency = {n: {} for n in names}
-    for batch in (1, 64):
-        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
-        timed = time_interleaved([models[n] for n in names], x, rounds=args.rounds, repeats=4)
-        for n, t in zip(names, timed):
-            latency[n][f"b{batch}_ms"] = t["median_ms"]
+    latency = interleaved_latency(models, tuple(models["baseline"].kse_preprocess["input_size"]), args.rounds)
     base.update({"b1_ms": latency["baseline"]["b1_ms"], "b64_ms": latency["baseline"]["b64_ms"]})
     for r in rows:
         stock = latency[f"{r['budget']} {r['method']} stock"]

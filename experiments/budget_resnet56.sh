@@ -26,14 +26,7 @@ shrink() {  # name, command and flags (written to $OUT/name.kse)
   local name=$1; shift
   [ -f "$OUT/$name.kse" ] || "$@" --out "$OUT/$name.kse" > "$OUT/$name.txt" 2>&1
 }
-finetune() {  # folder, start
-  local dir=$1 start=$2
-  [ -f "$OUT/$dir/model.kse" ] && return
-  local resume=()
-  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
-  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" --epochs "$EPOCHS" "${steps[@]}" \
-    "${resume[@]}" > "$OUT/$dir.log" 2>&1
-}
+source "$(dirname "$0")/lib.sh"  # finetune DIR START [flags...]
 
 for b in $BUDGETS; do
   shrink "kse-global-$b" $KSE compress --checkpoint "$BASE" --target-macs "$b" --allocation global
@@ -42,6 +35,6 @@ for b in $BUDGETS; do
   shrink "tp-global-$b" $KSE prune --checkpoint "$BASE" --method tp-global --macs "$b"
 done
 for b in $BUDGETS; do
-  for m in kse-global kse-layer l1 tp-global; do finetune "$RUN-$m-$b" "$m-$b"; done
+  for m in kse-global kse-layer l1 tp-global; do finetune "$RUN-$m-$b" "$m-$b" --epochs "$EPOCHS" "${steps[@]}"; done
 done
 echo "done: $OUT"

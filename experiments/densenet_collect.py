@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 import kse
-from budget_collect import deployed, describe, last_top1, test_top1  # this folder's tabulation helpers
+from budget_collect import deployed, describe, interleaved_latency, last_top1, test_top1  # this folder's helpers
 from kse.data import get_dataset
 from kse.report import markdown_table
-from kse.timing import time_interleaved
 
 RUNS = [("KSE G=6 (paper's setting)", "g6"), ("KSE G=5", "g5"), ("KSE G=4", "g4"),
         ("Torch-Pruning global group-magnitude, MACs of KSE G=6", "tp-g6")]
@@ -85,13 +84,7 @@ def main(argv=None) -> int:
             models[f"{r['key']} stock"] = deployed(path, fused=False)
             models[f"{r['key']} fused"] = deployed(path, fused=True)
     names = list(models)
-    size = tuple(models["baseline nchw"].kse_preprocess["input_size"])
-    latency = {n: {} for n in names}
-    for batch in (1, 64):
-        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
-        timed = time_interleaved([models[n] for n in names], x, rounds=args.rounds, repeats=4)
-        for n, t in zip(names, timed):
-            latency[n][f"b{batch}_ms"] = t["median_ms"]
+    latency = interleaved_latency(models, tuple(models["baseline nchw"].kse_preprocess["input_size"]), args.rounds)
 
     def fastest(prefix: str, batch: int) -> tuple:
         ms, layout = min((latency[n][f"b{batch}_ms"], n.split(" ", 1)[1]) for n in names if n.startswith(prefix + " "))

@@ -20,14 +20,7 @@ FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-
 PAPER_LAYERS=(--exclude features.1.conv features.3.conv)  # the transitions stay dense
 mkdir -p "$OUT"
 
-finetune() {  # folder, start
-  local dir=$1 start=$2
-  [ -f "$OUT/$dir/model.kse" ] && return
-  local resume=()
-  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
-  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" --epochs "$EPOCHS" "${resume[@]}" \
-    > "$OUT/$dir.log" 2>&1
-}
+source "$(dirname "$0")/lib.sh"  # finetune DIR START [flags...]
 
 [ -f "$OUT/analyze-g6/feature_reuse.json" ] || $KSE analyze --checkpoint "$BASE" --G 6 "${PAPER_LAYERS[@]}" \
   --out "$OUT/analyze-g6" > "$OUT/analyze-g6.txt"
@@ -37,6 +30,6 @@ for G in 6 $GS; do
 done
 [ -f "$OUT/tp-g6.kse" ] || $KSE prune --checkpoint "$BASE" --out "$OUT/tp-g6.kse" --method tp-global \
   --match "$OUT/g6.kse" --layers 'features.*.*.conv' > "$OUT/tp-g6.prune.txt"
-for run in g6 tp-g6; do finetune "ft-$run" "$run"; done
-for G in $GS; do finetune "ft-g$G" "g$G"; done
+for run in g6 tp-g6; do finetune "ft-$run" "$run" --epochs "$EPOCHS"; done
+for G in $GS; do finetune "ft-g$G" "g$G" --epochs "$EPOCHS"; done
 echo "done: $OUT"

@@ -27,13 +27,7 @@ compress() {  # name, flags...
 l1() {  # name, matched KSE name
   [ -f "$OUT/$1.kse" ] || $KSE prune-l1 --checkpoint "$BASE" --out "$OUT/$1.kse" --match "$OUT/$2.kse" > "$OUT/$1.prune.txt"
 }
-finetune() {  # folder, start, flags...
-  local dir=$1 start=$2; shift 2
-  [ -f "$OUT/$dir/model.kse" ] && return
-  local resume=()
-  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
-  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
-}
+source "$(dirname "$0")/lib.sh"  # finetune DIR START [flags...]
 
 evaluate() {  # name [file]: test-set accuracy of $OUT/name.kse (or file) as JSON, renamed into place once complete
   [ -f "$OUT/$1.eval.json" ] && return

@@ -1,0 +1,12 @@
+# Shell helpers of the experiment scripts (sourced; they read OUT, KSE and the array FT).
+
+# finetune DIR START [flags...]: `kse finetune` of $OUT/START.kse into $OUT/DIR with the
+# recipe $FT and the flags, its printout in $OUT/DIR.log; skipped once $OUT/DIR/model.kse
+# exists, resumed from its last epoch when $OUT/DIR/last.ckpt does.
+finetune() {
+  local dir=$1 start=$2; shift 2
+  [ -f "$OUT/$dir/model.kse" ] && return
+  local resume=()
+  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
+  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
+}
