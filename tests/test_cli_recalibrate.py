@@ -1,4 +1,4 @@
-"""`kse compress --recalibrate N` and `kse prune-l1 --recalibrate N` on FakeData (16 px resnet20):
+"""`kse compress`, `kse prune-l1` and `kse prune` with `--recalibrate N` on FakeData (16 px resnet20):
 the written BatchNorm statistics are those of kse.recalibrate_bn_ on the same batches, and the
 errors are one line."""
 
@@ -62,17 +62,18 @@ def test_compress_recalibrates_on_the_training_batches(baseline, tmp_path, ok):
     _assert_same_statistics(kse.load(again), got)
 
 
-def test_prune_l1_recalibrates_the_same_way(baseline, tmp_path, ok):
+@pytest.mark.parametrize("command", [["prune-l1"], ["prune", "--method", "tp-global"]])
+def test_pruning_recalibrates_the_same_way(baseline, tmp_path, ok, command):
     plain, recal = tmp_path / "plain.kse", tmp_path / "recal.kse"
-    ok(["prune-l1", "--checkpoint", baseline, "--out", plain, "--ratio", 0.5])
-    out, _ = ok(["prune-l1", "--checkpoint", baseline, "--out", recal, "--ratio", 0.5, "--recalibrate", 2,
+    ok([*command, "--checkpoint", baseline, "--out", plain, "--ratio", 0.5])
+    out, _ = ok([*command, "--checkpoint", baseline, "--out", recal, "--ratio", 0.5, "--recalibrate", 2,
                  "--batch-size", 16])
     assert "recalibrated on 2 fake training batches of 16 images" in out
     got = kse.load(recal)
     assert got.kse_extra["recalibrated"]["batches"] == 2
     _assert_same_statistics(got, _expected(kse.load(plain), 2, 16))
     # pruning a recalibrated file again, without --recalibrate, drops the record that no longer holds
-    ok(["prune-l1", "--checkpoint", recal, "--out", tmp_path / "again.kse", "--ratio", 0.25])
+    ok([*command, "--checkpoint", recal, "--out", tmp_path / "again.kse", "--ratio", 0.25])
     assert "recalibrated" not in kse.load(tmp_path / "again.kse").kse_extra
 
 
@@ -100,7 +101,7 @@ def test_calibration_loader_has_no_augmentation_and_a_fixed_order():
     (["--dataset", "fake"], "--dataset and --data-dir only tell --recalibrate N where the training images are"),
     (["--recalibrate", 2, "--dataset", "nosuch"], "unknown dataset 'nosuch'; choose one of"),
 ])
-@pytest.mark.parametrize("command", [["compress"], ["prune-l1", "--ratio", "0.5"]])
+@pytest.mark.parametrize("command", [["compress"], ["prune-l1", "--ratio", "0.5"], ["prune", "--ratio", "0.5"]])
 def test_errors(baseline, tmp_path, command, argv, message, one_error_line):
     line = one_error_line([*command, "--checkpoint", baseline, "--out", tmp_path / "x.kse", *argv])
     assert line.startswith(f"kse {command[0]}: error: ") and message in line

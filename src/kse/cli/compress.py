@@ -284,60 +284,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- prune-l1
-def cmd_prune_l1(args: argparse.Namespace) -> int:
-    from ..filter_prune import l1_prune_, prune_to_macs
-    from ..profile import profile
-
-    path = checkpoint_path(args)
-    out = output_file(args, path, "the pruned .kse file to write")
-    targets = [f for f, v in (("--ratio", args.ratio), ("--macs", args.macs), ("--match", args.match)) if v is not None]
-    if len(targets) != 1:
-        raise CLIError("give exactly one of --ratio (fraction of filters to remove), --macs (a MAC budget) or "
-                       f"--match (a .kse file whose MACs to match); got {', '.join(targets) or 'none'}")
-    model = load_model(path)
-    if kse_layers(model):
-        raise CLIError(f"{path} is KSE-compressed; L1 filter pruning starts from a dense baseline")
-    size = checkpoint_input_size(model, path)
-    data = recalibration_loader(model, args, path)
-    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-    before = profile(model, size)
-    try:
-        if args.ratio is not None:
-            removed = l1_prune_(model, args.ratio, args.layers, example)
-            ratio = args.ratio
-        else:
-            target = args.macs
-            if args.match is not None:
-                other = Path(args.match)
-                if not other.is_file():
-                    raise CLIError(f"--match: file not found: {other}")
-                matched = load_model(other, "--match")
-                target = profile(matched, checkpoint_input_size(matched, other)).macs
-            stage("prune-l1", f"searching the pruning ratio for {target / 1e6:.2f}M MACs")
-            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    after = profile(model, size)
-    extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
-             "l1_prune": {"ratio": ratio, "layers": list(args.layers), "removed": {k: len(v) for k, v in removed.items()},
-                          "baseline": {"params": before.params, "macs": before.macs}}}
-    extra.pop("recalibrated", None)
-    if data is not None:
-        extra["recalibrated"] = recalibrate(model, data, args, "prune-l1")
-    write_model(args, model, out, extra)
-    print(f"L1 filter pruning, ratio {ratio:.4f} on {len(removed)} layers ({', '.join(args.layers)})")
-    print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
-    print_recalibrated(extra.get("recalibrated") if data is not None else None)
-    print(f"wrote {out}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- prune
+# ----------------------------------------------------------------------------- prune-l1, prune
 _PRUNE_NAMES = {"l1": "L1 filter pruning (uniform)", "tp-global": "Torch-Pruning global group-magnitude pruning"}
 
 
+def cmd_prune_l1(args: argparse.Namespace) -> int:
+    return _prune(args, "prune-l1", "l1", "l1_prune")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    return _prune(args, "prune", args.method, "prune")
+
+
+def _prune(args: argparse.Namespace, command: str, method: str, key: str) -> int:
+    """Filter pruning of a dense checkpoint by ``method`` to a ratio, a MAC budget or another
+    file's MACs, optionally recalibrated; the record goes into the file's extra under ``key``."""
     from ..budget import parse_target, resolve_target
     from ..filter_prune import l1_prune_, prune_to_macs, tp_global_prune_
     from ..profile import profile
@@ -348,16 +309,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if len(targets) != 1:
         raise CLIError("give exactly one of --ratio (fraction of filters to remove), --macs (a MAC budget such as "
                        f"40M or 2x) or --match (a .kse file whose MACs to match); got {', '.join(targets) or 'none'}")
-    macs = parse_target(args.macs, "macs", "--macs") if args.macs is not None else None
+    try:
+        macs = parse_target(args.macs, "macs", "--macs") if args.macs is not None else None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     model = load_model(path)
     if kse_layers(model):
         raise CLIError(f"{path} is KSE-compressed; filter pruning starts from a dense baseline")
     size = checkpoint_input_size(model, path)
+    data = recalibration_loader(model, args, path)
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     before = profile(model, size)
     try:
         if args.ratio is not None:
-            prune_ = l1_prune_ if args.method == "l1" else tp_global_prune_
+            prune_ = l1_prune_ if method == "l1" else tp_global_prune_
             removed, ratio = prune_(model, args.ratio, args.layers, example), args.ratio
         else:
             target = resolve_target(macs, before.macs) if macs is not None else None
@@ -367,19 +332,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     raise CLIError(f"--match: file not found: {other}")
                 matched = load_model(other, "--match")
                 target = profile(matched, checkpoint_input_size(matched, other)).macs
-            stage("prune", f"searching the pruning ratio for {target / 1e6:.2f}M MACs ({args.method})")
-            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example, method=args.method)
+            stage(command, f"searching the pruning ratio for {target / 1e6:.2f}M MACs ({method})")
+            model, ratio, removed = prune_to_macs(model, float(target), args.layers, example, method=method)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     after = profile(model, size)
     extra = {**(getattr(model, "kse_extra", None) or {}), "pruned_from": str(path),
-             "prune": {"method": args.method, "ratio": ratio, "layers": list(args.layers),
-                       "removed": {k: len(v) for k, v in removed.items()},
-                       "baseline": {"params": before.params, "macs": before.macs}}}
+             key: {"method": method, "ratio": ratio, "layers": list(args.layers),
+                   "removed": {k: len(v) for k, v in removed.items()},
+                   "baseline": {"params": before.params, "macs": before.macs}}}
+    extra.pop("recalibrated", None)
+    if data is not None:
+        extra["recalibrated"] = recalibrate(model, data, args, command)
     write_model(args, model, out, extra)
-    print(f"{_PRUNE_NAMES[args.method]}, ratio {ratio:.4f}: {sum(len(v) for v in removed.values())} filters removed "
+    print(f"{_PRUNE_NAMES[method]}, ratio {ratio:.4f}: {sum(len(v) for v in removed.values())} filters removed "
           f"in {len(removed)} layers ({', '.join(args.layers)})")
     print_profiles(before, after, (path.stat().st_size, out.stat().st_size))
+    print_recalibrated(extra.get("recalibrated") if data is not None else None)
     print(f"wrote {out}")
     return 0
 
@@ -447,11 +416,12 @@ def register(subparsers) -> None:
     add_common(p, "checkpoint", "out", "dataset", "data-dir")
     add_recalibrate_flags(p, "default 0")
     p.add_argument("--ratio", type=finite_float, default=None, help="fraction of filters to remove in each layer, in [0, 1)")
-    p.add_argument("--macs", type=finite_float, default=None, help="MAC budget of the pruned model")
+    p.add_argument("--macs", default=None, metavar="N", help="MAC budget of the pruned model: 40M, or 2x fewer")
     p.add_argument("--match", default=None, metavar="KSE_FILE", help="match the MACs of this model (e.g. a KSE one)")
     p.add_argument("--layers", nargs="+", default=None, metavar="PAT", help="glob patterns of the convs to prune")
 
-    p = add_command(subparsers, "prune", cmd_prune, defaults=dict(layers=["*.conv1"], method="tp-global"),
+    p = add_command(subparsers, "prune", cmd_prune, defaults=dict(layers=["*.conv1"], method="tp-global", recalibrate=0,
+                                                                   batch_size=128),
                     help="filter pruning peers: L1 uniform or Torch-Pruning's global group-magnitude pruning",
                     description="Remove output filters from the selected convolutions (default: the first conv of "
                                 "every residual block, the only ones an option-A ResNet can narrow) with Torch-"
@@ -459,9 +429,10 @@ def register(subparsers) -> None:
                                 "the L2 norm of their dependency group (each layer's scores divided by their mean) "
                                 "and removes the weakest (layers lose different fractions, none more than 90 percent); "
                                 "--method l1 removes the same fraction of smallest-L1 filters in every layer (as "
-                                "kse prune-l1). A ratio given or searched to meet a MAC budget. Writes a dense .kse "
-                                "file for `kse finetune`.")
-    add_common(p, "checkpoint", "out")
+                                "kse prune-l1). A ratio given or searched to meet a MAC budget; optionally recalibrates the "
+                                "BatchNorm statistics (--recalibrate). Writes a dense .kse file for `kse finetune`.")
+    add_common(p, "checkpoint", "out", "dataset", "data-dir")
+    add_recalibrate_flags(p, "default 0")
     p.add_argument("--method", choices=["tp-global", "l1"], default=None, help="default: tp-global")
     p.add_argument("--ratio", type=finite_float, default=None,
                    help="fraction of filters to remove, in [0, 1) (tp-global: of all selected filters together)")
