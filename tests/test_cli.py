@@ -205,7 +205,9 @@ def test_eval_human_output(finetuned, ok):
 def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
     ort = pytest.importorskip("onnxruntime")
     out_dir = work / "export"
-    out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir])
+    # (the default formats, pt2 and onnx: test_export_default_formats, slow: AOTInductor compiles for minutes)
+    out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir, "--format", "onnx",
+                 "torchscript"])
     onnx_file, ts_file = out_dir / "model.onnx", out_dir / "model.ts.pt"
     assert f"wrote {onnx_file} (verified" in out and f"wrote {ts_file} (verified" in out
     manifest = json.loads((out_dir / "export.json").read_text())
@@ -219,7 +221,7 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(onnx_file)).graph.node}
     assert sum(manifest["exports"]["torchscript"]["forms"].values()) == 18
     if "fused" in manifest["exports"]["torchscript"]["forms"]:
-        assert "kse.fused.available()" in out and "torchscript_needs" in manifest
+        assert "kse.ops.load_library()" in out and "torchscript_needs" in manifest
 
     # check independently, on a batch size the export never saw
     model = kse.load(finetuned / "model.kse")
@@ -230,6 +232,31 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(ts_file))(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_default_formats(work, finetuned, ok):
+    pytest.importorskip("onnxscript")
+    out_dir = work / "export-default"
+    out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir])
+    manifest = json.loads((out_dir / "export.json").read_text())
+    assert set(manifest["exports"]) == {"pt2", "onnx"} and not (out_dir / "model.ts.pt").exists()
+    assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
+    assert sum(manifest["exports"]["pt2"]["forms"].values()) == 18
+    if "fused" in manifest["exports"]["pt2"]["forms"]:
+        assert "kse.ops.load_library()" in out and "pt2_needs" in manifest
+    model = kse.load(finetuned / "model.kse")
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        got = torch._inductor.aoti_load_package(str(out_dir / "model.pt2"))(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_export_onnx_without_onnxscript_is_one_line(work, finetuned, monkeypatch, one_error_line):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    line = one_error_line(["export", "--checkpoint", finetuned, "--out", work / "export-no-onnxscript"])
+    assert "ONNX export needs onnxscript" in line and "pip install 'kse[export]' or pass --format pt2 torchscript" in line
 
 
 def test_export_mismatch_is_an_error_and_removes_the_file(work, finetuned, monkeypatch, one_error_line):

@@ -1,4 +1,4 @@
-"""kse.export: ONNX and TorchScript files written, checked against eager PyTorch, atomically."""
+"""kse.export: pt2, ONNX and TorchScript files written, checked against eager PyTorch, atomically."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def test_max_rel_diff_is_relative_to_the_largest_output():
 def test_export_model_writes_files_that_match_eager(tmp_path, fmt, tiny_kse):
     if fmt == "onnx":
         ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")  # the torch.export-based exporter
     net = _deployed(tiny_kse, "split")
     layers = sum(isinstance(m, kse.KSEConv2d) for m in net.modules())
     written = []
@@ -124,6 +125,7 @@ def test_a_different_output_shape_is_infinitely_far(tmp_path):
     ({"a": "split", "b": "fused"}, "torchscript", "auto", {"a": "split", "b": "fused"}),
     ({"a": "split", "b": "fused"}, "onnx", "auto", {"a": "full", "b": "full"}),
     ({"a": "split", "b": "fused@1,dense@64"}, "onnx", "split", {"a": "split", "b": "full@1,dense@64"}),
+    ({"a": "split", "b": "fused@1,dense@64"}, "pt2", "auto", {"a": "split", "b": "fused@1,dense@64"}),
 ])
 def test_forms_for_format(forms, fmt, form, expected):
     assert kx.forms_for_format(forms, fmt, form) == expected
@@ -131,8 +133,45 @@ def test_forms_for_format(forms, fmt, form, expected):
 
 def test_bad_arguments(tmp_path, tiny_kse):
     net = _deployed(tiny_kse)
-    with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of: onnx, torchscript"):
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of: pt2, onnx, torchscript"):
         kx.export_model(net, tmp_path, ["tflite"], input_size=(1, 16, 16))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         kx.export_model(net, tmp_path, ["torchscript"], input_size=(1, 16, 16), batch_size=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def _fused_layers(net: nn.Module) -> int:
+    return sum("fused" in m.form for m in net.modules() if isinstance(m, kse.KSEConv2d))
+
+
+def test_pt2_keeps_the_fused_operator_with_torch_export_standing_in_for_aotinductor(tmp_path, monkeypatch, tiny_kse,
+                                                                                   assert_same_function):
+    # AOTInductor's C++ compilation takes minutes (the slow test below runs it): here the exported
+    # program is saved and loaded as it is, which checks what goes into the package
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path: torch.export.save(program, package_path))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: torch.export.load(path).module())
+    net = _deployed(tiny_kse, "fused@1,full@8")  # a form per batch size: pt2 gets the forms of batch_size
+    manifest = kx.export_model(net, tmp_path, ["pt2"], input_size=(1, 16, 16), batch_size=1)
+    fused_layers = _fused_layers(kse.fold_batchnorm(net))
+    assert manifest["exports"]["pt2"]["forms"] == {"fused": fused_layers, "dense": 18 - fused_layers}
+    assert "kse.ops.load_library()" in manifest["pt2_needs"] and "torchscript_needs" not in manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "model.pt2"]  # no temporary left
+    program = torch.export.load(tmp_path / "model.pt2")
+    assert str(program.graph).count("kse.fused_conv.default") == fused_layers
+    with torch.no_grad():
+        for b in (1, 4):  # traced at two rows, the batch axis is dynamic from 1 on
+            x = _batch(b)
+            assert_same_function(program.module()(x), net(x), 1e-4)
+
+
+def test_pt2_package_runs_the_fused_operator(tmp_path, tiny_kse, assert_same_function):
+    net = _deployed(tiny_kse, "fused")
+    manifest = kx.export_model(net, tmp_path, ["pt2"], input_size=(1, 16, 16), batch_size=1)
+    assert manifest["exports"]["pt2"]["max_rel_diff"] <= 1e-4
+    assert manifest["exports"]["pt2"]["forms"]["fused"] == _fused_layers(kse.fold_batchnorm(net))
+    package = torch._inductor.aoti_load_package(str(tmp_path / "model.pt2"))
+    with torch.no_grad():
+        for b in (1, 6):
+            x = _batch(b)
+            assert_same_function(package(x), net(x), 1e-4)

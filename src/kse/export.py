@@ -1,4 +1,4 @@
-"""Export a model to ONNX or TorchScript and verify the written file against eager PyTorch.
+"""Export a model to a pt2 package, ONNX or TorchScript and verify the written file against eager PyTorch.
 
 Every file is written under a temporary name, run on a batch the export never saw (the batch
 axis stays dynamic), compared with the model's own outputs, and renamed into place only when
@@ -7,17 +7,27 @@ the largest difference, relative to the largest output magnitude, is within ``to
     >>> import kse, kse.export
     >>> model = kse.load("runs/ft/model.kse")                             # doctest: +SKIP
     >>> manifest = kse.export.export_model(model, "runs/export", input_size=(3, 32, 32))  # doctest: +SKIP
-    >>> manifest["exports"]["onnx"]["max_rel_diff"] <= 1e-4               # doctest: +SKIP
+    >>> manifest["exports"]["pt2"]["max_rel_diff"] <= 1e-4               # doctest: +SKIP
     True
 
-Formats (:data:`FORMATS`): ``"onnx"`` (the TorchScript-based ``torch.onnx.export``, run with
-onnxruntime on CPU) and ``"torchscript"`` (``torch.jit.trace``, reloaded with
-``torch.jit.load``). TorchScript keeps the compiled fused KSE kernel (``torch.ops.kse``);
-ONNX gets KSE layers in stock forms, since onnxruntime cannot run the kernel.
+Formats (:data:`FORMATS`; :data:`DEFAULT_FORMATS` are written unless told otherwise):
+
+* ``"pt2"``: ``torch.export`` then AOTInductor (``torch._inductor.aoti_compile_and_package``),
+  a package of compiled C++ that ``torch._inductor.aoti_load_package`` runs. It keeps the
+  deployed forms, the compiled fused KSE operator ``kse::fused_conv`` included: the process
+  that loads it needs that operator library first (``kse.ops.load_library()``, a Python
+  extension; without fused layers libtorch's C++ loader runs it too).
+* ``"onnx"``: the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
+  which needs onnxscript), run with onnxruntime on CPU. KSE layers go in stock forms, since
+  onnxruntime cannot run the compiled operator.
+* ``"torchscript"``: ``torch.jit.trace``, reloaded with ``torch.jit.load``; keeps the compiled
+  operator too. NOTE: TorchScript is deprecated in PyTorch; it stays for runtimes that need it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from collections import Counter
@@ -30,8 +40,13 @@ import torch.nn as nn
 from .atomic import atomic_path, write_text
 
 #: format name -> file name written in the output folder
-FORMATS: Dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts.pt"}
-_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
+FORMATS: Dict[str, str] = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts.pt"}
+#: the formats written when none are named
+DEFAULT_FORMATS = ("pt2", "onnx")
+_LABELS = {"pt2": "pt2 (AOTInductor)", "onnx": "ONNX", "torchscript": "TorchScript"}
+#: what a process must do before it runs a file with the compiled fused operator
+OPERATOR_NOTE = ("the kse operator library: `import kse.ops; kse.ops.load_library()` before loading the file "
+                 "(or torch.ops.load_library(kse.ops.library_path()))")
 
 TOLERANCE = 1e-4
 
@@ -50,6 +65,37 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 
+def _batch_axis():
+    """A dynamic batch axis for ``torch.export`` (and the exporters built on it)."""
+    return ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
+
+
+def _pt2(model: nn.Module, target: str, example: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
+    """``torch.export`` then AOTInductor into the package ``target``; the package run on ``check``."""
+    # NOTE: traced at two rows at least: torch.export specialises an axis of size 1 to a constant
+    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
+    program = torch.export.export(model, (example,), dynamic_shapes=_batch_axis())
+    # file objects: torch takes a path for a package only if it ends with .pt2, the temporary one does not
+    with open(target, "w+b") as f:
+        torch._inductor.aoti_compile_and_package(program, package_path=f)
+    with open(target, "rb") as f:
+        package = torch._inductor.aoti_load_package(f)
+    return package(check)
+
+
+def _onnx(model: nn.Module, target: str, example: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
+    """The ``torch.export``-based ONNX exporter into ``target``; the file run by onnxruntime on ``check``."""
+    import onnxruntime as ort
+
+    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
+    # NOTE: weights inside the file (external_data=False): a separate data file would be named
+    # after the temporary file, which is renamed afterwards
+    torch.onnx.export(model, (example,), target, dynamo=True, external_data=False, verbose=False,
+                      input_names=["input"], output_names=["logits"], dynamic_shapes=_batch_axis())
+    session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
+
+
 def export_and_check(model: nn.Module, fmt: str, target: Union[str, Path], example: torch.Tensor,
                      check: torch.Tensor, ref: torch.Tensor) -> float:
     """Export ``model`` to ``target`` in ``fmt`` (traced on ``example``), run the file on
@@ -58,16 +104,13 @@ def export_and_check(model: nn.Module, fmt: str, target: Union[str, Path], examp
     _check_format(fmt)
     target = str(target)
     try:
-        with warnings.catch_warnings(), torch.no_grad():  # inference: no backward graph is recorded
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            # inference: no backward graph is recorded; the exporters' progress lines are not ours
             warnings.simplefilter("ignore")
-            if fmt == "onnx":
-                import onnxruntime as ort
-
-                # NOTE: the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript
-                torch.onnx.export(model, (example,), target, dynamo=False, input_names=["input"],
-                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-                session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
-                got = torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
+            if fmt == "pt2":
+                got = _pt2(model, target, example, check)
+            elif fmt == "onnx":
+                got = _onnx(model, target, example, check)
             else:
                 torch.jit.trace(model, example).save(target)
                 got = torch.jit.load(target)(check)
@@ -90,9 +133,9 @@ def export_verified(model: nn.Module, fmt: str, target: Union[str, Path], exampl
 
 
 def forms_for_format(forms: Dict[str, str], fmt: str, form: str = "auto") -> Dict[str, str]:
-    """The form each KSE layer gets in ``fmt``: the deployed ``forms`` for TorchScript; for ONNX
-    ``"full"`` under ``form="auto"``, else the forms with the compiled kernel replaced by
-    ``"full"``.
+    """The form each KSE layer gets in ``fmt``: the deployed ``forms`` for pt2 and TorchScript
+    (the compiled kernel included); for ONNX ``"full"`` under ``form="auto"``, else the forms
+    with the compiled kernel replaced by ``"full"``.
 
     NOTE: onnxruntime cannot run the compiled kernel, and runs the channel gather of ``"dense"``
     slowly (forms measured in PyTorch say nothing of it): zero kernels for the dropped channels.
@@ -110,19 +153,22 @@ def _kse_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, KSEConv2d)}
 
 
-def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[str] = ("onnx", "torchscript"), *,
+def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[str] = DEFAULT_FORMATS, *,
                  input_size: Sequence[int], batch_size: int = 1, forms: Optional[Dict[str, str]] = None,
                  form: str = "auto", fold: bool = True,
                  tolerance: float = TOLERANCE, header: Optional[Dict[str, Any]] = None,
                  on_note: Optional[Callable[[str], None]] = None,
                  on_written: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Export ``model`` (its KSE layers already in their inference forms, e.g. by
-    ``kse.deploy_``) to ``out_dir/model.onnx`` and/or ``out_dir/model.ts.pt``, each verified
-    against eager PyTorch, and write the manifest ``out_dir/export.json``.
+    ``kse.deploy_``) to ``out_dir/model.pt2``, ``out_dir/model.onnx`` and/or
+    ``out_dir/model.ts.pt``, each verified against eager PyTorch, and write the manifest
+    ``out_dir/export.json``.
 
     Args:
         formats: names from :data:`FORMATS`, in the order to write them.
-        input_size: ``(C, H, W)``; the trace runs at ``batch_size``, the check at ``batch_size + 2``.
+        input_size: ``(C, H, W)``; the trace runs at ``batch_size`` (pt2 and ONNX: at least 2),
+            the check at ``batch_size + 2``. A layer deployed with a form per batch size gets
+            the form of ``batch_size`` (one graph serves every batch size).
         forms: the KSE layers' deployed forms, as ``kse.deploy_`` returns them (default: each
             layer's current form).
         form: the form the layers were deployed with (``"auto"`` or one form); decides what
@@ -169,6 +215,8 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
         target = out / FORMATS[fmt]
         for n, f in forms_for_format(forms, fmt, form).items():
             layers[n].set_form(f)
+            if fmt != "torchscript":  # a trace at batch_size keeps that size's forms by itself
+                layers[n].set_form(layers[n].form_for_batch(batch_size))
         diff = export_verified(exported, fmt, target, example, check, ref, tolerance)
         ran = dict(Counter(m.form_for_batch(batch_size) for m in layers.values()))
         verified[fmt] = {"file": str(target), "max_rel_diff": diff, "forms": ran}
@@ -178,8 +226,8 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
                 "input_size": list(input_size), "preprocess": getattr(model, "kse_preprocess", None),
                 "forms": dict(Counter(forms.values())), "tolerance": tolerance, "batch_size": batch_size,
                 "batchnorm_folded": folded, "exports": verified, "input_name": "input", "output_name": "logits"}
-    if "fused" in verified.get("torchscript", {}).get("forms", {}):
-        manifest["torchscript_needs"] = ("the kse operator library: `import kse.fused; kse.fused.available()` "
-                                         "before torch.jit.load (or torch.ops.load_library(kse.fused.library_path()))")
+    for fmt in ("pt2", "torchscript"):
+        if "fused" in verified.get(fmt, {}).get("forms", {}):
+            manifest[f"{fmt}_needs"] = OPERATOR_NOTE
     write_text(out / "export.json", json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest

@@ -179,9 +179,9 @@ def build_error() -> Optional[str]:
 
 
 def library_path() -> Optional[str]:
-    """The compiled library (builds it on first call; ``None`` if it did not build): outside
-    Python, or in a process without kse, ``torch.ops.load_library(path)`` registers the
-    operators."""
+    """The compiled library (builds it on first call; ``None`` if it did not build): in a Python
+    process that does not import kse, ``torch.ops.load_library(path)`` registers the operators
+    (it is a Python extension: a process without Python cannot load it)."""
     module = _module if _module is not None else _build()
     return module.__file__ if module is not None else None
 

@@ -1,5 +1,5 @@
 """``kse deploy`` (choose each KSE layer's fastest CPU form by measuring, and save it) and
-``kse export`` (ONNX and TorchScript files verified against PyTorch, through ``kse.export``)."""
+``kse export`` (pt2, ONNX and TorchScript files verified against PyTorch, through ``kse.export``)."""
 
 from __future__ import annotations
 
@@ -47,18 +47,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import ExportError, export_model
+    from ..export import FORMATS, ExportError, export_model
 
     path = checkpoint_path(args)
     if not args.out:
-        raise CLIError("--out is required: the folder to write model.onnx / model.ts.pt into")
+        raise CLIError("--out is required: the folder to write model.pt2 / model.onnx / model.ts.pt into")
     formats = list(dict.fromkeys(args.format))
     if "onnx" in formats:
         try:
             import onnxruntime  # noqa: F401 - checked before any work
-        except ImportError:
-            raise CLIError("ONNX export is verified with onnxruntime, which is not installed; "
-                           "pip install 'kse[export]' or pass --format torchscript") from None
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            others = " ".join(f for f in FORMATS if f != "onnx")
+            raise CLIError(f"ONNX export needs onnxscript and is verified with onnxruntime ({exc.name} is not "
+                           f"installed); pip install 'kse[export]' or pass --format {others}") from None
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = load_model(path)
@@ -83,9 +85,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 on_note=lambda msg: stage("export", msg), on_written=written)
     except ExportError as exc:
         raise CLIError(str(exc)) from None
-    if "torchscript_needs" in manifest:
-        print("note: model.ts.pt calls the fused KSE kernel (torch.ops.kse.fused_conv): in Python, "
-              "`import kse.fused; kse.fused.available()` before torch.jit.load")
+    loaders = {"pt2": "torch._inductor.aoti_load_package", "torchscript": "torch.jit.load"}
+    for fmt, loader in loaders.items():
+        if f"{fmt}_needs" in manifest:
+            print(f"note: {FORMATS[fmt]} calls the fused KSE kernel (torch.ops.kse.fused_conv): in Python, "
+                  f"`import kse.ops; kse.ops.load_library()` before {loader}")
     print(f"wrote {out / 'export.json'}")
     return 0
 
@@ -109,22 +113,24 @@ def register(subparsers) -> None:
 
     p = add_command(
         subparsers, "export", cmd_export, folder_out=True,
-        defaults=dict(format=["onnx", "torchscript"], form="auto", batch_size=1,
+        defaults=dict(format=["pt2", "onnx"], form="auto", batch_size=1,
                       fold=True),
-        help="export a checkpoint to ONNX and TorchScript (verified)",
-        description="Deploy the KSE layers and export the model to ONNX (checked with onnxruntime on "
-                    "CPU) and TorchScript (torch.jit.trace, reloaded and checked); outputs must match "
-                    "PyTorch within 1e-4 relative. Writes OUT/model.onnx, OUT/model.ts.pt, "
-                    "OUT/export.json. The batch axis is dynamic.")
+        help="export a checkpoint to a pt2 package, ONNX or TorchScript (verified)",
+        description="Deploy the KSE layers and export the model: pt2 (torch.export, then compiled by "
+                    "AOTInductor into a package that keeps the fused KSE kernel; reloaded with "
+                    "torch._inductor.aoti_load_package and checked), ONNX (the torch.export-based exporter, "
+                    "checked with onnxruntime on CPU) and TorchScript (torch.jit.trace, reloaded and checked). "
+                    "Outputs must match PyTorch within 1e-4 relative. Writes OUT/model.pt2, OUT/model.onnx, "
+                    "OUT/model.ts.pt (the formats asked for) and OUT/export.json. The batch axis is dynamic.")
     add_common(p, "checkpoint", "out")
-    p.add_argument("--format", nargs="+", choices=["onnx", "torchscript"], default=None,
-                   help="formats to write (default: both)")
+    p.add_argument("--format", nargs="+", choices=["pt2", "onnx", "torchscript"], default=None,
+                   help="formats to write (default: pt2 onnx)")
     p.add_argument("--form", choices=["auto", "dense", "full", "split", "fused"], default=None,
-                   help="KSE layer form to export (default auto: for TorchScript the fastest per layer at "
+                   help="KSE layer form to export (default auto: for pt2 and TorchScript the fastest per layer at "
                         "--batch-size on this CPU, the compiled fused kernel among them when it builds; for "
                         "ONNX full, zero kernels for dropped channels: onnxruntime cannot run the kernel, and "
-                        "runs the gather of 'dense' slowly). An explicit "
-                        "form applies to both, except that ONNX gets full where it says fused")
+                        "runs the gather of 'dense' slowly). An explicit form applies to all formats, except that "
+                        "ONNX gets full where it says fused")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size the forms are chosen for and the TorchScript trace runs at (default 1); "
                         "the exported batch axis stays dynamic")
