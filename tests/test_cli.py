@@ -201,6 +201,26 @@ def test_eval_human_output(finetuned, ok):
     assert "top-1" in out and "ms/image" in out and "18 KSE layers" in out  # a folder means its model.kse
 
 
+def _verified_manifest(out: str, out_dir, formats: set, compiled: str) -> dict:
+    """export.json of a `kse export` run: the formats asked for, each within 1e-4 of PyTorch, the
+    18 KSE layers in the file of the format ``compiled`` (which keeps the fused kernel), and the
+    note on loading the operator library where a layer is fused."""
+    manifest = json.loads((out_dir / "export.json").read_text())
+    assert set(manifest["exports"]) == formats
+    assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
+    assert sum(manifest["exports"][compiled]["forms"].values()) == 18
+    if "fused" in manifest["exports"][compiled]["forms"]:
+        assert "kse.ops.load_library()" in out and f"{compiled}_needs" in manifest
+    return manifest
+
+
+def _unseen_batch(finetuned):
+    """A batch size no export saw, and the model's outputs on it in PyTorch."""
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        return x, kse.load(finetuned / "model.kse")(x)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
     ort = pytest.importorskip("onnxruntime")
@@ -210,24 +230,14 @@ def test_export_writes_verified_onnx_and_torchscript(work, finetuned, ok):
                  "torchscript"])
     onnx_file, ts_file = out_dir / "model.onnx", out_dir / "model.ts.pt"
     assert f"wrote {onnx_file} (verified" in out and f"wrote {ts_file} (verified" in out
-    manifest = json.loads((out_dir / "export.json").read_text())
-    assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
-    assert set(manifest["exports"]) == {"onnx", "torchscript"}
+    manifest = _verified_manifest(out, out_dir, {"onnx", "torchscript"}, compiled="torchscript")
     # default form auto: measured forms (the compiled kernel among them) for TorchScript, zero
     # kernels for dropped channels for onnxruntime
     assert manifest["exports"]["onnx"]["forms"] == {"full": 18} and manifest["batch_size"] == 1
     assert manifest["batchnorm_folded"] is True  # by default, into the convolutions
     onnx = pytest.importorskip("onnx")
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(onnx_file)).graph.node}
-    assert sum(manifest["exports"]["torchscript"]["forms"].values()) == 18
-    if "fused" in manifest["exports"]["torchscript"]["forms"]:
-        assert "kse.ops.load_library()" in out and "torchscript_needs" in manifest
-
-    # check independently, on a batch size the export never saw
-    model = kse.load(finetuned / "model.kse")
-    x = torch.randn(5, 3, 16, 16)
-    with torch.no_grad():
-        ref = model(x)
+    x, ref = _unseen_batch(finetuned)
     got = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     with torch.no_grad():
@@ -239,16 +249,10 @@ def test_export_default_formats(work, finetuned, ok):
     pytest.importorskip("onnxscript")
     out_dir = work / "export-default"
     out, _ = ok(["export", "--checkpoint", finetuned / "model.kse", "--out", out_dir])
-    manifest = json.loads((out_dir / "export.json").read_text())
-    assert set(manifest["exports"]) == {"pt2", "onnx"} and not (out_dir / "model.ts.pt").exists()
-    assert all(v["max_rel_diff"] <= 1e-4 for v in manifest["exports"].values())
-    assert sum(manifest["exports"]["pt2"]["forms"].values()) == 18
-    if "fused" in manifest["exports"]["pt2"]["forms"]:
-        assert "kse.ops.load_library()" in out and "pt2_needs" in manifest
-    model = kse.load(finetuned / "model.kse")
-    x = torch.randn(5, 3, 16, 16)
+    _verified_manifest(out, out_dir, {"pt2", "onnx"}, compiled="pt2")
+    assert not (out_dir / "model.ts.pt").exists()
+    x, ref = _unseen_batch(finetuned)
     with torch.no_grad():
-        ref = model(x)
         got = torch._inductor.aoti_load_package(str(out_dir / "model.pt2"))(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
