@@ -35,8 +35,8 @@ import kse
 from kse import fused
 from kse.atomic import write_text
 from kse.deploy import deploy_
-from kse.forms import INFERENCE_FORMS
 from kse.export import FORMATS, export_model
+from kse.forms import INFERENCE_FORMS
 from kse.timing import time_interleaved
 
 
