@@ -11,6 +11,7 @@ import pytest
 
 import kse
 from kse.cli.common import CLIError, checkpoint_input_size
+from kse.deploy import known_input_size
 from kse.models import get_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread for the module
@@ -49,5 +50,7 @@ def test_no_input_size_anywhere_is_one_clear_error(tmp_path, one_error_line):
 def test_a_malformed_input_size_is_one_clear_error(size):
     for model in (SimpleNamespace(kse_preprocess={"input_size": size}, kse_config=None),
                   SimpleNamespace(kse_preprocess=None, kse_config={"input_size": size})):
-        with pytest.raises(CLIError, match=r"m.kse records an input size that is not three positive integers"):
+        with pytest.raises(CLIError, match=r"m.kse: the recorded input size is not three positive integers"):
             checkpoint_input_size(model, Path("m.kse"))
+        with pytest.raises(ValueError, match=r"^the recorded input size is not three positive integers"):
+            known_input_size(model)

@@ -52,11 +52,15 @@ MIN_CANDIDATE_BYTES = 64 << 20
 def known_input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
     """The ``(C, H, W)`` the model is known to take: from the preprocessing its file records
     (``model.kse_preprocess``), else from the ``KSEConfig`` it was compressed with
-    (``model.kse_config``); ``None`` if neither says."""
+    (``model.kse_config``); ``None`` if neither says. A recorded size that is not three
+    positive integers is a ``ValueError``."""
     for record in (getattr(model, "kse_preprocess", None), getattr(model, "kse_config", None)):
         size = record.get("input_size") if isinstance(record, dict) else None
         if size is not None:
-            return tuple(int(v) for v in size)
+            if (not isinstance(size, (list, tuple)) or len(size) != 3
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+                raise ValueError(f"the recorded input size is not three positive integers (C, H, W): {size!r}")
+            return tuple(size)
     return None
 
 

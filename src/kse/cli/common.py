@@ -315,19 +315,20 @@ def load_model(path: Path, flag: str = "--checkpoint") -> torch.nn.Module:
 
 
 def checkpoint_input_size(model: torch.nn.Module, path: Path) -> tuple:
-    """The ``(C, H, W)`` input size recorded in the checkpoint: its preprocessing
-    (``preprocess.input_size``), else the ``input_size`` of the ``KSEConfig`` the model was
-    compressed with (a file written by ``kse.save`` without ``preprocess``)."""
-    for record in (getattr(model, "kse_preprocess", None), getattr(model, "kse_config", None)):
-        size = record.get("input_size") if isinstance(record, dict) else None
-        if size is not None:
-            if (not isinstance(size, (list, tuple)) or len(size) != 3
-                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
-                raise CLIError(f"{path} records an input size that is not three positive integers (C, H, W): "
-                               f"{size!r}; re-save it with kse.save(..., preprocess={{'input_size': [C, H, W]}})")
-            return tuple(size)
-    raise CLIError(f"{path} records no input size (neither preprocess.input_size nor the input_size of the KSEConfig "
-                   "it was compressed with); re-save it with kse.save(..., preprocess={'input_size': [C, H, W], ...})")
+    """The ``(C, H, W)`` input size recorded in the checkpoint (``kse.deploy.known_input_size``:
+    its preprocessing, else the ``KSEConfig`` it was compressed with); a missing or malformed
+    one is a :class:`CLIError` that says how to re-save the file."""
+    from ..deploy import known_input_size
+
+    resave = "re-save it with kse.save(..., preprocess={'input_size': [C, H, W], ...})"
+    try:
+        size = known_input_size(model)
+    except ValueError as exc:
+        raise CLIError(f"{path}: {exc}; {resave}") from None
+    if size is None:
+        raise CLIError(f"{path} records no input size (neither preprocess.input_size nor the input_size of the "
+                       f"KSEConfig it was compressed with); {resave}")
+    return size
 
 
 def kse_layers(model: torch.nn.Module) -> Dict[str, Any]:
