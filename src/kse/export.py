@@ -44,6 +44,10 @@ FORMATS: Dict[str, str] = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscrip
 #: the formats written when none are named
 DEFAULT_FORMATS = ("pt2", "onnx")
 _LABELS = {"pt2": "pt2 (AOTInductor)", "onnx": "ONNX", "torchscript": "TorchScript"}
+#: the progress line before each format's export
+_STARTING = {"pt2": "pt2: torch.export, then AOTInductor compiles the model to C++ (a minute or more)",
+             "onnx": "ONNX: the torch.export-based exporter, then a check with onnxruntime",
+             "torchscript": "TorchScript: torch.jit.trace, then a check of the reloaded file"}
 #: what a process must do before it runs a file with the compiled fused operator
 OPERATOR_NOTE = ("the kse operator library: `import kse.ops; kse.ops.load_library()` before loading the file "
                  "(or torch.ops.load_library(kse.ops.library_path()))")
@@ -176,7 +180,8 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
         fold: fold each BatchNorm into the convolution before it (``kse.fold_batchnorm``); a
             model that cannot be folded is exported unfolded, with a note.
         header: entries put first in the manifest (e.g. ``{"checkpoint": path}``).
-        on_note: called with a one-line note (BatchNorm not folded).
+        on_note: called with a one-line note (BatchNorm not folded) or progress line (a format's
+            export starts).
         on_written: called as ``on_written(fmt, entry)`` after each verified file, ``entry``
             holding ``file``, ``max_rel_diff``, ``forms``, ``check_batch``.
 
@@ -217,6 +222,8 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
             layers[n].set_form(f)
             if fmt != "torchscript":  # a trace at batch_size keeps that size's forms by itself
                 layers[n].set_form(layers[n].form_for_batch(batch_size))
+        if on_note:
+            on_note(_STARTING[fmt])
         diff = export_verified(exported, fmt, target, example, check, ref, tolerance)
         ran = dict(Counter(m.form_for_batch(batch_size) for m in layers.values()))
         verified[fmt] = {"file": str(target), "max_rel_diff": diff, "forms": ran}
