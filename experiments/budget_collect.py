@@ -78,23 +78,41 @@ def interleaved_latency(models: dict, size: tuple, rounds: int, batch_sizes=(1, 
     return latency
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, argv, add=None) -> argparse.Namespace:
+    """The collectors' common flags (and those ``add(parser)`` adds); sets the thread count."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True)
     ap.add_argument("--base-metrics", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="the experiment's folder (OUT of the script)")
-    ap.add_argument("--budgets", nargs="+", required=True)
-    ap.add_argument("--run", default="short", help="RUN of the script: the fine-tuning folders' prefix")
-    ap.add_argument("--results", type=Path, default=None, help="where to write the JSON, table and plot")
+    ap.add_argument("--results", type=Path, default=None, help="where to write the results (default: --out)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--eval-batches", type=int, default=None, help="cap the test batches (quick checks)")
+    if add:
+        add(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = args.results or args.out
-    results.mkdir(parents=True, exist_ok=True)
+    args.results = args.results or args.out
+    args.results.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def test_loader(eval_batches=None) -> torch.utils.data.DataLoader:
+    """The Fashion-MNIST test set in batches of 256 (the first ``eval_batches`` only, if given)."""
     test_set, _ = get_dataset("fashion-mnist", train=False)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+    if eval_batches:
+        test_set = torch.utils.data.Subset(test_set, range(min(len(test_set), 256 * eval_batches)))
+    return torch.utils.data.DataLoader(test_set, batch_size=256)
+
+
+def main(argv=None) -> int:
+    def add(ap):
+        ap.add_argument("--budgets", nargs="+", required=True)
+        ap.add_argument("--run", default="short", help="RUN of the script: the fine-tuning folders' prefix")
+
+    args = parse_args(__doc__, argv, add)
+    results, loader = args.results, test_loader(args.eval_batches)
 
     base = {"label": "baseline", **describe(args.base), "top1": last_top1(args.base_metrics)}
     rows = []

@@ -17,7 +17,6 @@ model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a M
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 
 import kse
-from budget_collect import deployed, describe, interleaved_latency, last_top1, test_top1  # this folder's helpers
-from kse.data import get_dataset
+# this folder's tabulation helpers
+from budget_collect import deployed, describe, interleaved_latency, last_top1, parse_args, test_loader, test_top1
 from kse.report import markdown_table
 
 RUNS = [("KSE G=6 (paper's setting)", "g6"), ("KSE G=5", "g5"), ("KSE G=4", "g4"),
@@ -43,23 +42,8 @@ def layouts(model: torch.nn.Module) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", type=Path, required=True)
-    ap.add_argument("--base-metrics", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True, help="the experiment's folder (OUT of the script)")
-    ap.add_argument("--results", type=Path, default=None, help="where to write the JSON and table")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--eval-batches", type=int, default=None, help="cap the test batches (quick checks)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = args.results or args.out
-    results.mkdir(parents=True, exist_ok=True)
-    test_set, _ = get_dataset("fashion-mnist", train=False)
-    if args.eval_batches:
-        test_set = torch.utils.data.Subset(test_set, range(min(len(test_set), 256 * args.eval_batches)))
-    loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+    args = parse_args(__doc__, argv)
+    results, loader = args.results, test_loader(args.eval_batches)
 
     base = {"label": "baseline", **describe(args.base), "top1": last_top1(args.base_metrics)}
     rows = []
