@@ -181,7 +181,7 @@ def plot(rows, base, path: Path, run: str) -> None:
     ax.axhline(base["top1"], color="gray", lw=0.8, ls=":", label=f"baseline ({base['macs'] / 1e6:.1f}M MACs)")
     ax.set_xlabel("MACs (millions)")
     ax.set_ylabel("test top-1 after fine-tuning (%)")
-    ax.set_title(f"ResNet-56 on Fashion-MNIST at equal MAC budgets ({run} fine-tuning)")
+    ax.set_title(f"ResNet-56 on Fashion-MNIST at equal MAC budgets ({run} fine-tuning)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
