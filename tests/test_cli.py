@@ -170,7 +170,7 @@ def test_finetune_says_when_it_loads_the_training_extension(work, compressed, mo
             "--fake-size", 16, *TINY]
     monkeypatch.setattr(fused, "loaded", lambda: False)  # as in a fresh process
     _, err = ok([*argv, "--out", work / "ft-ext1"])
-    assert "loading the compiled extension for CPU training steps" in err
+    assert "loading the compiled kse operators for CPU training steps" in err
     monkeypatch.setattr(fused, "loaded", lambda: True)  # already loaded: nothing to say
     _, err = ok([*argv, "--out", work / "ft-ext2"])
     assert "compiled extension" not in err

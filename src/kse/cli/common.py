@@ -423,10 +423,13 @@ def training_extension(command: str, model: torch.nn.Module, device: torch.devic
     from .. import fused
 
     if say and not fused.loaded():
-        stage(command, "loading the compiled extension for CPU training steps (built on first use with a C++ "
-                       "compiler, about 20 s once per machine)")
+        stage(command, f"loading the compiled kse operators for CPU training steps ({_BUILT_ONCE})")
     if not fused.available() and say:
         stage(command, f"note: no compiled extension ({fused.build_error()}); W' is built with stock operations")
+
+
+#: how long loading the compiled operators takes, in words
+_BUILT_ONCE = "compiled with a C++ compiler on first use, once per machine; loaded in seconds after that"
 
 
 def deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fused: bool = False,
@@ -442,7 +445,8 @@ def deploy_cpu(model: torch.nn.Module, input_size: tuple, batch_size=(1, 8), fus
     if fused:
         from .. import fused as fused_mod
 
-        stage(command, "building the fused kernel (a C++ compiler, once per machine: about 15 s)")
+        if not fused_mod.loaded():
+            stage(command, f"loading the compiled kse operators for the fused kernel ({_BUILT_ONCE})")
         if not fused_mod.available():
             stage(command, f"note: no fused kernel ({fused_mod.build_error()}); using the stock forms")
             fused = False
