@@ -114,6 +114,10 @@ def test_a_failing_export_is_one_line_and_leaves_no_file(tmp_path):
     with pytest.raises(kx.ExportError, match=r"^TorchScript export failed: RuntimeError: no forward here$"):
         kx.export_verified(Broken(), "torchscript", tmp_path / "model.ts.pt", x, x, x)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(kx.ExportError, match=r"^pt2 \(AOTInductor\) export failed: .*no forward here; AOTInductor "
+                                             r"compiles C\+\+ .*--format onnx or torchscript exports without it$"):
+        kx.export_verified(Broken(), "pt2", tmp_path / "model.pt2", _batch(2), x, x)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_different_output_shape_is_infinitely_far(tmp_path):

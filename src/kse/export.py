@@ -120,7 +120,9 @@ def export_and_check(model: nn.Module, fmt: str, target: Union[str, Path], examp
                 got = torch.jit.load(target)(check)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(f"{_LABELS[fmt]} export failed: {type(exc).__name__}: {reason}") from exc
+        hint = ("; AOTInductor compiles C++ (it needs a C++ compiler and a writable cache); "
+                "--format onnx or torchscript exports without it") if fmt == "pt2" else ""
+        raise ExportError(f"{_LABELS[fmt]} export failed: {type(exc).__name__}: {reason}{hint}") from exc
     return max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
 
 
