@@ -74,21 +74,27 @@ def _batch_axis():
     return ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
 
 
-def _pt2(model: nn.Module, target: str, example: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
-    """``torch.export`` then AOTInductor into the package ``target``; the package run on ``check``."""
+class _CompileError(RuntimeError):
+    """AOTInductor could not compile an exported program."""
+
+
+def _pt2(model: nn.Module, target: str, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.export`` then AOTInductor into the package ``target``; the reloaded package."""
     # NOTE: traced at two rows at least: torch.export specialises an axis of size 1 to a constant
     example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
     program = torch.export.export(model, (example,), dynamic_shapes=_batch_axis())
     # file objects: torch takes a path for a package only if it ends with .pt2, the temporary one does not
     with open(target, "w+b") as f:
-        torch._inductor.aoti_compile_and_package(program, package_path=f)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=f)
+        except Exception as exc:  # noqa: BLE001 - named as a compilation failure
+            raise _CompileError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
     with open(target, "rb") as f:
-        package = torch._inductor.aoti_load_package(f)
-    return package(check)
+        return torch._inductor.aoti_load_package(f)
 
 
-def _onnx(model: nn.Module, target: str, example: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
-    """The ``torch.export``-based ONNX exporter into ``target``; the file run by onnxruntime on ``check``."""
+def _onnx(model: nn.Module, target: str, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``torch.export``-based ONNX exporter into ``target``; the file in an onnxruntime session."""
     import onnxruntime as ort
 
     example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
@@ -97,33 +103,42 @@ def _onnx(model: nn.Module, target: str, example: torch.Tensor, check: torch.Ten
     torch.onnx.export(model, (example,), target, dynamo=True, external_data=False, verbose=False,
                       input_names=["input"], output_names=["logits"], dynamic_shapes=_batch_axis())
     session = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _torchscript(model: nn.Module, target: str, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.jit.trace`` into ``target``; the reloaded file."""
+    torch.jit.trace(model, example).save(target)
+    return torch.jit.load(target)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def export_and_check(model: nn.Module, fmt: str, target: Union[str, Path], example: torch.Tensor,
                      check: torch.Tensor, ref: torch.Tensor) -> float:
     """Export ``model`` to ``target`` in ``fmt`` (traced on ``example``), run the file on
-    ``check`` and return the relative difference to ``ref = model(check)`` (``inf`` when the
-    shapes differ). A failing export raises :class:`ExportError` with a one-line reason."""
+    ``check`` and on its first row alone, and return the largest relative difference to
+    ``ref = model(check)`` and to the model's output on that row (``inf`` when the shapes
+    differ). A failing export raises :class:`ExportError` with a one-line reason."""
     _check_format(fmt)
     target = str(target)
+    exporter = {"pt2": _pt2, "onnx": _onnx, "torchscript": _torchscript}[fmt]
     try:
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             # inference: no backward graph is recorded; the exporters' progress lines are not ours
             warnings.simplefilter("ignore")
-            if fmt == "pt2":
-                got = _pt2(model, target, example, check)
-            elif fmt == "onnx":
-                got = _onnx(model, target, example, check)
-            else:
-                torch.jit.trace(model, example).save(target)
-                got = torch.jit.load(target)(check)
+            run = exporter(model, target, example)
+            pairs = [(run(check), ref), (run(check[:1]), ref[:1])]  # a batch of one too
+    except _CompileError as exc:
+        raise ExportError(f"{_LABELS[fmt]} export failed: AOTInductor could not compile the exported program "
+                          f"({exc}); it needs a C++ compiler and a writable cache: install one, or pass "
+                          "--format onnx or torchscript") from exc
     except Exception as exc:  # noqa: BLE001 - reported as one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = ("; AOTInductor compiles C++ (it needs a C++ compiler and a writable cache); "
-                "--format onnx or torchscript exports without it") if fmt == "pt2" else ""
-        raise ExportError(f"{_LABELS[fmt]} export failed: {type(exc).__name__}: {reason}{hint}") from exc
-    return max_rel_diff(got, ref) if got.shape == ref.shape else float("inf")
+        raise ExportError(f"{_LABELS[fmt]} export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return max(max_rel_diff(got, want) if got.shape == want.shape else float("inf") for got, want in pairs)
 
 
 def export_verified(model: nn.Module, fmt: str, target: Union[str, Path], example: torch.Tensor,
@@ -211,6 +226,8 @@ def export_model(model: nn.Module, out_dir: Union[str, Path], formats: Sequence[
                 on_note(f"note: BatchNorm not folded ({exc})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a manifest describes the files of one call: an old one goes before any file is replaced
+    (out / "export.json").unlink(missing_ok=True)
     gen = torch.Generator().manual_seed(0)
     # the trace runs at batch_size: TorchScript keeps the forms chosen for it
     example = torch.randn(batch_size, *input_size, generator=gen)
