@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import kse
+from kse.atomic import write_text
 from kse.budget import latency_forms
 from kse.forms import INFERENCE_FORMS
 from kse.data import get_dataset
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
 
     out = {"threads": torch.get_num_threads(), "run": args.run, "baseline": base, "rows": rows,
            "latency": "best round's median of interleaved rounds (kse.timing.time_interleaved)"}
-    (results / f"budget_resnet56_{args.run}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_text(results / f"budget_resnet56_{args.run}.json", json.dumps(out, indent=2) + "\n")
 
     table = [["baseline", "", f"{base['macs'] / 1e6:.2f}M", f"{base['params'] / 1e3:.1f}K",
               f"{base['file_bytes'] / 2**20:.2f} MiB", "", f"{base['top1']:.2f}", f"{base['b1_ms']:.2f}", "",
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
                       f"{r['b64_ms']:.1f}", f"{r['b64_fused_ms']:.1f}" if fused else ""])
     md = markdown_table(["method", "budget", "MACs", "params", "file", "top-1 before FT", "top-1 after FT",
                          "b1 ms", "b1 ms fused", "b64 ms", "b64 ms fused"], table)
-    (results / f"budget_resnet56_{args.run}.md").write_text(md + "\n")
+    write_text(results / f"budget_resnet56_{args.run}.md", md + "\n")
     plot(rows, base, results / f"budget_accuracy_vs_macs_{args.run}.png", args.run)
     print(json.dumps(out, indent=2))
     print(md)

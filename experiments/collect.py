@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import kse
+from kse.atomic import write_text
 from kse.deploy import deploy_
 from kse.report import markdown_table, measure_latency
 
@@ -146,8 +147,8 @@ def main(argv=None) -> int:
         if not rows:
             raise SystemExit(f"no *.eval.json pairs in {out}; run RECALIBRATED_ONLY=1 bash experiments/fmnist_resnet56.sh")
         result = {"baseline": base, "no_finetuning": rows}
-        (out / "recalibrated.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "recalibrated.md").write_text(no_finetuning_table(rows, base) + "\n")
+        write_text(out / "recalibrated.json", json.dumps(result, indent=2) + "\n")
+        write_text(out / "recalibrated.md", no_finetuning_table(rows, base) + "\n")
         json.dump(result, sys.stdout, indent=2)
         print()
         print(no_finetuning_table(rows, base))
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         r["top1_recalibrated_no_finetuning"] = recalibrated.get(r["label"])
     result = {"threads": torch.get_num_threads(), "baseline": base, "main": main_rows, "sweep_kse": sweep_kse,
               "sweep_l1": sweep_l1, "ablation": ablation, "no_finetuning": no_ft}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "results.json", json.dumps(result, indent=2))
 
     def lat_cells(r):
         if "b1_ms" not in r:
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         md.append(markdown_table(["ablation, G=4 (short fine-tuning)", "MACs", "params", "top-1 (%)"],
                                  [[r["label"], f"{r['macs'] / 1e6:.2f}M", f"{r['params'] / 1e3:.1f}K",
                                    f"{r['top1']:.2f}"] for r in ablation]))
-    (out / "results.md").write_text("\n\n".join(md) + "\n")
+    write_text(out / "results.md", "\n\n".join(md) + "\n")
     if sweep_kse and sweep_l1:
         plot(sweep_kse, sweep_l1, base, out / "accuracy_vs_macs.png")
     json.dump(result, sys.stdout, indent=2)

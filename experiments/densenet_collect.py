@@ -10,8 +10,8 @@ reported). All latencies come from one interleaved run per batch size
 (``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
 model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
 
-    python experiments/densenet_collect.py --base checkpoints/densenet40-fmnist.kse \\
-        --base-metrics checkpoints/densenet40-fmnist/metrics.jsonl --out runs/dn40 \\
+    python experiments/densenet_collect.py --base runs/densenet40-fmnist/model.kse \\
+        --base-metrics runs/densenet40-fmnist/metrics.jsonl --out runs/dn40 \\
         --threads 2 --results experiments/results/densenet40
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import kse
+from kse.atomic import write_text
 # this folder's tabulation helpers
 from budget_collect import deployed, describe, interleaved_latency, last_top1, parse_args, test_loader, test_top1
 from kse.report import markdown_table
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
 
     out = {"threads": torch.get_num_threads(), "baseline": base, "rows": rows, "paper": PAPER, "latency_all": latency,
            "latency": "best round's median of interleaved rounds (kse.timing.time_interleaved)"}
-    (results / "densenet40_fmnist.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_text(results / "densenet40_fmnist.json", json.dumps(out, indent=2) + "\n")
 
     def ms(r: dict, batch: int) -> str:
         fused = f" / {r[f'b{batch}_fused_ms']:.2f}" if f"b{batch}_fused_ms" in r else ""
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                   f"{PAPER['macs'] / 1e6:.0f}M", "", "", ""])
     md = markdown_table(["model", "top-1 before FT", "top-1", "params", "MACs", "file",
                          "b1 ms (stock / fused)", "b64 ms (stock / fused)"], table)
-    (results / "densenet40_fmnist.md").write_text(md + "\n")
+    write_text(results / "densenet40_fmnist.md", md + "\n")
     print(json.dumps(out, indent=2))
     print(md)
     return 0

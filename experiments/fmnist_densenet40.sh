@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The paper's second network on Fashion-MNIST (docs/densenet.md): the DenseNet-40 (k=12)
-# baseline compressed with KSE at G=4, 5 and 6 (T=0) on the layers the paper compresses (every
-# 3x3 convolution of a dense layer: not the first convolution, the two 1x1 transitions or the
-# classifier), and Torch-Pruning's global group-magnitude pruning of the dense layers' filters
-# at KSE G=6's MACs as the peer; every model fine-tuned with the ResNet-56 experiment's recipe
-# (SGD, lr 0.01, x0.1 at half, weight decay 1e-5, batch 128, bfloat16 autocast). Also the
-# feature-reuse map of the baseline (`kse analyze` at G=6). Every step is skipped when its
-# output exists, and fine-tuning resumes from its last epoch, so an interrupted run continues
-# where it stopped. Then experiments/densenet_collect.py measures and tabulates everything.
+# The paper's second network on Fashion-MNIST: the DenseNet-40 (k=12) baseline compressed with
+# KSE at G=4, 5 and 6 (T=0) on the layers the paper compresses (every 3x3 convolution of a dense
+# layer: not the first convolution, the two 1x1 transitions or the classifier), and
+# Torch-Pruning's global group-magnitude pruning of the dense layers' filters at KSE G=6's MACs
+# as the peer; every model fine-tuned with the ResNet-56 experiment's recipe (SGD, lr 0.01, x0.1
+# at half, weight decay 1e-5, batch 128, bfloat16 autocast). Also the feature-reuse map of the
+# baseline (`kse analyze` at G=6). Every step is skipped when its output exists, and fine-tuning
+# resumes from its last epoch, so an interrupted run continues where it stopped. Then
+# experiments/densenet_collect.py measures and tabulates everything.
 #
-#   BASE=checkpoints/densenet40-fmnist.kse OUT=runs/dn40 EPOCHS=3 bash experiments/fmnist_densenet40.sh
+# The baseline (BASE) comes from `kse train` (an epoch takes several minutes on 2 CPU cores;
+# rerun the same command with --resume after an interruption):
+#   kse train --arch densenet40 --dataset fashion-mnist --epochs 15 --lr 0.1 --warmup-epochs 0.5 \
+#     --batch-size 128 --schedule cosine --weight-decay 1e-4 --amp --no-channels-last --seed 0 \
+#     --out runs/densenet40-fmnist
+#
+#   BASE=runs/densenet40-fmnist/model.kse OUT=runs/dn40 EPOCHS=3 bash experiments/fmnist_densenet40.sh
 set -euo pipefail
-BASE=${BASE:-checkpoints/densenet40-fmnist.kse}
+BASE=${BASE:-runs/densenet40-fmnist/model.kse}
 OUT=${OUT:-runs/dn40}
 EPOCHS=${EPOCHS:-3}
 GS=${GS:-"4 5"}   # besides G=6, the paper's setting (always run: the peer matches its MACs)

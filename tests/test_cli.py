@@ -521,6 +521,13 @@ def test_prune_l1_matches_a_kse_model_and_finetunes(work, baseline, compressed, 
     assert (work / "l1ft" / "model.kse").is_file()
 
 
+@pytest.mark.parametrize("command", ["prune-l1", "prune"])
+def test_pruning_to_a_missing_match_file_is_one_line(work, baseline, command, one_error_line):
+    line = one_error_line([command, "--checkpoint", baseline, "--out", work / "x.kse", "--match", work / "nosuch.kse"])
+    assert line == f"kse {command}: error: --match: file not found: {work / 'nosuch.kse'}"
+    assert not (work / "x.kse").exists()
+
+
 def test_prune_l1_errors(work, baseline, compressed, one_error_line):
     assert "give exactly one of --ratio" in one_error_line(["prune-l1", "--checkpoint", baseline, "--out",
                                                             work / "x.kse"])

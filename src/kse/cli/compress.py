@@ -302,6 +302,7 @@ def _prune(args: argparse.Namespace, command: str, method: str, key: str) -> int
     from ..budget import parse_target, resolve_target
     from ..filter_prune import l1_prune_, prune_to_macs, tp_global_prune_
     from ..profile import profile
+    from ..report import fmt_count
 
     path = checkpoint_path(args)
     out = output_file(args, path, "the pruned .kse file to write")
@@ -313,6 +314,8 @@ def _prune(args: argparse.Namespace, command: str, method: str, key: str) -> int
         macs = parse_target(args.macs, "macs", "--macs") if args.macs is not None else None
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if args.match is not None and not Path(args.match).is_file():
+        raise CLIError(f"--match: file not found: {args.match}")
     model = load_model(path)
     if kse_layers(model):
         raise CLIError(f"{path} is KSE-compressed; filter pruning starts from a dense baseline")
@@ -327,12 +330,9 @@ def _prune(args: argparse.Namespace, command: str, method: str, key: str) -> int
         else:
             target = resolve_target(macs, before.macs) if macs is not None else None
             if args.match is not None:
-                other = Path(args.match)
-                if not other.is_file():
-                    raise CLIError(f"--match: file not found: {other}")
-                matched = load_model(other, "--match")
-                target = profile(matched, checkpoint_input_size(matched, other)).macs
-            stage(command, f"searching the pruning ratio for {target / 1e6:.2f}M MACs ({method})")
+                matched = load_model(Path(args.match), "--match")
+                target = profile(matched, checkpoint_input_size(matched, Path(args.match))).macs
+            stage(command, f"searching the pruning ratio for {fmt_count(target)} MACs ({method})")
             model, ratio, removed = prune_to_macs(model, float(target), args.layers, example, method=method)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
