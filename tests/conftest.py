@@ -155,3 +155,55 @@ def slow_entropy() -> Callable[..., torch.Tensor]:
     of ``weight: Tensor[N, C, kh, kw]`` by a plain loop over channels and kernels (Eqs. 5-6:
     each kernel's summed distance to its ``k`` nearest kernels, normalised, Shannon entropy)."""
     return _slow_entropy
+
+
+def _seeded_conv(C: int, N: int, k, stride=1, padding=1, dilation=1, bias=True,
+                 seed: int = 0) -> Tuple[torch.nn.Conv2d, torch.Generator]:
+    """A ``Conv2d`` with standard-normal weights (and bias) drawn from a generator seeded with
+    ``seed``; the generator, to draw more from the same stream."""
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(C, N, k, stride, padding, dilation, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        if bias:
+            conv.bias.copy_(torch.randn(N, generator=g))
+    return conv, g
+
+
+@pytest.fixture(scope="session")
+def seeded_conv() -> Callable[..., Tuple[torch.nn.Conv2d, torch.Generator]]:
+    """``seeded_conv(C, N, k, stride, padding, dilation, bias, seed)``: a reproducible random conv
+    and its generator."""
+    return _seeded_conv
+
+
+def _fresh_interpreter(loader: str, path, x: torch.Tensor, ref: torch.Tensor, tmp_path) -> Tuple[bool, float]:
+    """Run the saved model file ``path`` in a new Python process with ``loader`` (such as
+    ``"torch.jit.load"``): first without the kse operator library (is it refused?), then after
+    ``kse.ops.load_library()``, on ``x``; returns (refused without the library, max relative
+    difference to ``ref``)."""
+    import subprocess
+    import sys
+
+    torch.save({"x": x, "ref": ref}, tmp_path / "io.pt")
+    script = ("import sys, torch\n"
+              f"try:\n    {loader}(sys.argv[1]); print('loaded without the library')\n"
+              "except Exception:\n    print('refused')\n"
+              "import kse.ops\nassert kse.ops.load_library()\n"
+              "io = torch.load(sys.argv[2], weights_only=True)\n"
+              f"with torch.no_grad():\n    got = {loader}(sys.argv[1])(io['x'])\n"
+              "print('max diff', float((got - io['ref']).abs().max() / io['ref'].abs().max()))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("max diff"), res.stdout
+    return lines[0] == "refused", float(lines[1].split()[-1])
+
+
+@pytest.fixture(scope="session")
+def fresh_interpreter() -> Callable[..., Tuple[bool, float]]:
+    """``fresh_interpreter(loader, path, x, ref, tmp_path)``: a saved model run in a new process,
+    without then with the kse operator library (see :func:`_fresh_interpreter`)."""
+    return _fresh_interpreter
+

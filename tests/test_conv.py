@@ -1,5 +1,7 @@
 """KSEConv2d: training form vs dense reference, deploy forms, centroid gradients, removal."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,13 +15,15 @@ from kse.serialization import local_assignment
 from kse.training_weight import gather_elements
 
 
-def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
-    g = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(C, N, k, stride, padding, dilation, bias=bias)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        if bias:
-            conv.bias.copy_(torch.randn(N, generator=g))
+@pytest.fixture(scope="module")
+def make_layer(seeded_conv):
+    """``make_layer(...)``: a seeded conv, its KSE layer and the counts (random with the first
+    channel dropped and the last kept with one centroid, unless given)."""
+    return functools.partial(_make_layer, seeded_conv)
+
+
+def _make_layer(seeded_conv, C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, seed=0, counts=None):
+    conv, g = seeded_conv(C, N, k, stride, padding, dilation, bias, seed)
     if counts is None:
         counts = torch.randint(0, N + 1, (C,), generator=g)
         counts[0] = 0
@@ -27,7 +31,7 @@ def make_layer(C=6, N=8, k=(3, 3), stride=1, padding=1, dilation=1, bias=True, s
     return conv, KSEConv2d.from_conv(conv, counts), counts
 
 
-def test_training_form_matches_loop_reference_and_to_conv(reference_forward):
+def test_training_form_matches_loop_reference_and_to_conv(reference_forward, make_layer):
     conv, layer, counts = make_layer()
     x = torch.randn(2, 6, 9, 9)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
@@ -37,7 +41,7 @@ def test_training_form_matches_loop_reference_and_to_conv(reference_forward):
     assert layer.kept_channels.tolist() == torch.nonzero(counts > 0).flatten().tolist()
 
 
-def test_full_count_keeps_kernels_exactly():
+def test_full_count_keeps_kernels_exactly(make_layer):
     conv, layer, _ = make_layer(counts=torch.full((6,), 8))
     x = torch.randn(2, 6, 7, 7)
     torch.testing.assert_close(layer(x), conv(x))
@@ -45,7 +49,7 @@ def test_full_count_keeps_kernels_exactly():
 
 
 @pytest.mark.parametrize("counts", [[0, 1, 3, 6], [0, 0, 3, 6], [2, 1, 3, 6]])  # 3/4, 2/4, 4/4 channels kept
-def test_centroid_gradient_is_sum_of_member_kernel_gradients(counts):
+def test_centroid_gradient_is_sum_of_member_kernel_gradients(counts, make_layer):
     # 3/4 kept trains through zero kernels over all channels, 2/4 gathers the kept input channels
     conv, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer = layer.double()
@@ -88,7 +92,7 @@ def test_deploy_forms_equal_training_form(C, N, kh, kw, stride, padding, dilatio
         layer.set_form("train")
 
 
-def test_remove_in_and_out_channels_keeps_function():
+def test_remove_in_and_out_channels_keeps_function(make_layer):
     conv, layer, counts = make_layer(C=6, N=8, counts=torch.tensor([0, 2, 0, 4, 8, 1]))
     x = torch.randn(2, 6, 8, 8)
     y = layer(x)
@@ -110,13 +114,13 @@ def test_from_conv_rejects_unsupported_layers():
         cluster_kernels(torch.randn(4, 2, 3, 3), torch.tensor([5, 1]))
 
 
-def test_extra_repr_reports_compression():
+def test_extra_repr_reports_compression(make_layer):
     _, layer, _ = make_layer(counts=torch.tensor([0, 2, 2, 4, 8, 8]))
     text = repr(layer)
     assert "kept=5/6" in text and "centroids=24" in text and f"ratio={6 * 8 / 24:.2f}x" in text
 
 
-def test_centroids_are_means_of_member_kernels():
+def test_centroids_are_means_of_member_kernels(make_layer):
     conv, layer, counts = make_layer(C=4, N=12, counts=torch.tensor([3, 5, 1, 12]))
     w = conv.weight.detach()
     for j, c in enumerate(layer.kept_channels.tolist()):
@@ -126,7 +130,7 @@ def test_centroids_are_means_of_member_kernels():
             torch.testing.assert_close(layer.centroids[layer.assignment[j][local == idx][0]], members.mean(0))
 
 
-def test_cached_forms_train_and_refresh():
+def test_cached_forms_train_and_refresh(make_layer):
     conv, layer, _ = make_layer()
     x = torch.randn(2, 6, 8, 8)
     layer.set_form("dense")
@@ -149,7 +153,7 @@ def test_cached_forms_train_and_refresh():
         torch.testing.assert_close(layer(x), doubled, rtol=1e-5, atol=1e-5)
 
 
-def test_eval_mode_fine_tuning_follows_the_steps(reference_forward):
+def test_eval_mode_fine_tuning_follows_the_steps(reference_forward, make_layer):
     # a call that records gradients runs the training form and drops the prepared tensors, so
     # the optimizer step after it is seen by the next inference call without a refresh
     conv, layer, _ = make_layer()
@@ -166,7 +170,7 @@ def test_eval_mode_fine_tuning_follows_the_steps(reference_forward):
 
 @pytest.mark.parametrize("extension", [True, False])
 @pytest.mark.parametrize("counts", [[0, 3, 1, 5, 2, 8], [0, 0, 0, 5, 2, 8]])  # all channels convolved, and gathered
-def test_training_weight_follows_edits_of_the_assignment(extension, counts, monkeypatch):
+def test_training_weight_follows_edits_of_the_assignment(extension, counts, monkeypatch, make_layer):
     # W' for training comes from index tensors cached per layer: a new assignment / kept-channel
     # buffer rebuilds them, an in-place edit after refresh()
     import kse.training_weight
@@ -239,7 +243,7 @@ def test_gather_elements_gradient_and_zero_row():
 
 
 @pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])
-def test_training_weight_in_the_input_memory_format(counts, reference_forward):
+def test_training_weight_in_the_input_memory_format(counts, reference_forward, make_layer):
     _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer = layer.double().train()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -255,7 +259,7 @@ def test_training_weight_in_the_input_memory_format(counts, reference_forward):
 
 
 @pytest.mark.parametrize("counts", [[2, 1, 3, 6], [0, 0, 3, 6]])  # the zero-kernel and the gather path
-def test_training_weight_follows_a_new_assignment(counts, reference_forward):
+def test_training_weight_follows_a_new_assignment(counts, reference_forward, make_layer):
     _, layer, _ = make_layer(C=4, N=6, counts=torch.tensor(counts))
     layer.train()
     x = torch.randn(2, 4, 5, 5)
@@ -269,7 +273,7 @@ def test_training_weight_follows_a_new_assignment(counts, reference_forward):
 
 
 @pytest.mark.parametrize("form", ["train", "dense", "full", "split", "dense@1,split@8"])
-def test_layer_without_kept_channels_answers_its_bias(form):
+def test_layer_without_kept_channels_answers_its_bias(form, make_layer):
     conv, layer, _ = make_layer(C=3, N=4, counts=torch.zeros(3, dtype=torch.long))
     x = torch.randn(2, 3, 5, 5)
     layer.train() if form == "train" else layer.eval().set_form(form)
@@ -282,7 +286,7 @@ def test_layer_without_kept_channels_answers_its_bias(form):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_layer_pickles_and_rebuilds_on_load(sparse, monkeypatch):
+def test_layer_pickles_and_rebuilds_on_load(sparse, monkeypatch, make_layer):
     import pickle
 
     import kse.forms
@@ -318,7 +322,7 @@ def test_unbatched_input_works_in_every_form(form):
     assert out.shape == (16, 10, 10)
 
 
-def test_configure_training_switches_and_restores(monkeypatch):
+def test_configure_training_switches_and_restores(monkeypatch, make_layer):
     import kse.training_weight
 
     monkeypatch.setattr(kse.training_weight, "_EXPAND_EXTENSION", True)

@@ -179,10 +179,7 @@ def test_pt2_keeps_the_fused_operator_with_torch_export_standing_in_for_aotinduc
 
 
 @needs_fused
-def test_pt2_package_runs_the_fused_operator(tmp_path, tiny_kse, assert_same_function):
-    import subprocess
-    import sys
-
+def test_pt2_package_runs_the_fused_operator(tmp_path, tiny_kse, assert_same_function, fresh_interpreter):
     net = _deployed(tiny_kse, "fused")
     manifest = kx.export_model(net, tmp_path, ["pt2"], input_size=(1, 16, 16), batch_size=1)
     assert manifest["exports"]["pt2"]["max_rel_diff"] <= 1e-4
@@ -193,21 +190,10 @@ def test_pt2_package_runs_the_fused_operator(tmp_path, tiny_kse, assert_same_fun
             x = _batch(b)
             assert_same_function(package(x), net(x), 1e-4)
         x = _batch(3)
-        torch.save({"x": x, "ref": net(x)}, tmp_path / "io.pt")
+        ref = net(x)
     # a fresh interpreter: the package needs the operator library, and runs once it is loaded
-    script = ("import sys, torch\n"
-              "try:\n    torch._inductor.aoti_load_package(sys.argv[1]); print('loaded without the library')\n"
-              "except Exception:\n    print('refused')\n"
-              "import kse.ops\nassert kse.ops.load_library()\n"
-              "io = torch.load(sys.argv[2], weights_only=True)\n"
-              "with torch.no_grad():\n    got = torch._inductor.aoti_load_package(sys.argv[1])(io['x'])\n"
-              "print('max diff', float((got - io['ref']).abs().max() / io['ref'].abs().max()))\n")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")],
-                         capture_output=True, text=True, timeout=300)
-    lines = res.stdout.splitlines()
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert lines[0] == "refused" and lines[1].startswith("max diff")
-    assert float(lines[1].split()[-1]) < 1e-4
+    refused, diff = fresh_interpreter("torch._inductor.aoti_load_package", tmp_path / "model.pt2", x, ref, tmp_path)
+    assert refused and diff < 1e-4
 
 
 def test_a_failed_compilation_says_what_aotinductor_needs(tmp_path, monkeypatch, tiny_kse):

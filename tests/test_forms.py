@@ -2,6 +2,7 @@
 mode switches and refresh; the split form's sparse fusion and the memory estimates."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -14,13 +15,15 @@ from kse.conv import KSEConv2d
 FORM_NAMES = ["train", "dense", "full", "split", "split-sparse"] + (["fused"] if fused.available() else [])
 
 
-def make_layer(C=6, N=8, k=3, stride=1, padding=1, dilation=1, bias=True, counts=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(C, N, k, stride, padding, dilation, bias=bias)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        if bias:
-            conv.bias.copy_(torch.randn(N, generator=g))
+@pytest.fixture(scope="module")
+def make_layer(seeded_conv):
+    """``make_layer(...)``: the KSE layer of a seeded conv (random counts unless given, the first
+    channel dropped and the last kept)."""
+    return functools.partial(_make_layer, seeded_conv)
+
+
+def _make_layer(seeded_conv, C=6, N=8, k=3, stride=1, padding=1, dilation=1, bias=True, counts=None, seed=0):
+    conv, g = seeded_conv(C, N, k, stride, padding, dilation, bias, seed)
     if counts is None:
         counts = torch.randint(0, N + 1, (C,), generator=g)
         counts[0], counts[-1] = 0, max(1, int(counts[-1]))
@@ -37,7 +40,7 @@ def sparse_fusion(monkeypatch):
                                       dict(dilation=2, padding=2), dict(padding="same", bias=False)])
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_every_form_equals_the_reference_forward(form, geometry, epilogue, monkeypatch, reference_forward,
-                                             assert_same_function):
+                                             assert_same_function, make_layer):
     if form == "split-sparse":
         sparse_fusion(monkeypatch)
         form = "split"
@@ -58,7 +61,7 @@ def test_every_form_equals_the_reference_forward(form, geometry, epilogue, monke
         assert_same_function(layer(x[1]), want[1])  # one unbatched image [C, H, W], as nn.Conv2d takes
 
 
-def test_default_form_is_chosen_by_the_share_of_kept_channels():
+def test_default_form_is_chosen_by_the_share_of_kept_channels(make_layer):
     few = make_layer(C=6, counts=[0, 0, 3, 8, 1, 0])  # 3 of 6 kept
     many = make_layer(C=6, counts=[0, 2, 3, 8, 1, 4])  # 5 of 6 kept
     none = make_layer(C=3, counts=[0, 0, 0])
@@ -68,7 +71,7 @@ def test_default_form_is_chosen_by_the_share_of_kept_channels():
     assert none.set_form("split").form_for_batch(1) == "full"  # no kept channel: no gather to make
 
 
-def test_eval_mode_without_gradients_runs_tensors_prepared_once(monkeypatch, assert_same_function):
+def test_eval_mode_without_gradients_runs_tensors_prepared_once(monkeypatch, assert_same_function, make_layer):
     layer = make_layer()
     x = torch.randn(2, 6, 7, 7)
     prepared = []
@@ -101,7 +104,7 @@ def test_eval_mode_without_gradients_runs_tensors_prepared_once(monkeypatch, ass
     assert prepared[2:] == ["train", "split"]
 
 
-def test_refresh_after_an_in_place_edit_in_eval_mode(reference_forward, assert_same_function):
+def test_refresh_after_an_in_place_edit_in_eval_mode(reference_forward, assert_same_function, make_layer):
     layer = make_layer().eval()
     x = torch.randn(2, 6, 7, 7)
     with torch.no_grad():
@@ -115,7 +118,7 @@ def test_refresh_after_an_in_place_edit_in_eval_mode(reference_forward, assert_s
     assert not torch.allclose(after, before)
 
 
-def test_device_and_dtype_moves_rebuild_the_prepared_tensors(reference_forward, assert_same_function):
+def test_device_and_dtype_moves_rebuild_the_prepared_tensors(reference_forward, assert_same_function, make_layer):
     layer = make_layer().eval().set_form("dense@1,split@4")
     x = torch.randn(5, 6, 7, 7, dtype=torch.float64)
     layer.double()
@@ -126,7 +129,7 @@ def test_device_and_dtype_moves_rebuild_the_prepared_tensors(reference_forward, 
             assert_same_function(got, reference_forward(layer, x[:b]))
 
 
-def test_split_fusion_is_sparse_where_a_dense_matrix_would_be_large(assert_same_function):
+def test_split_fusion_is_sparse_where_a_dense_matrix_would_be_large(assert_same_function, make_layer):
     # a 1x1 layer whose channels keep every kernel: M = C * N centroids, a dense fusion matrix
     # would have N * M = C * N^2 elements, the sparse one has N * C ones
     C, N = 64, 128
@@ -142,7 +145,7 @@ def test_split_fusion_is_sparse_where_a_dense_matrix_would_be_large(assert_same_
 
 
 @pytest.mark.parametrize("form", ["dense", "full", "split", "split-sparse"] + (["fused"] if fused.available() else []))
-def test_memory_estimate_covers_the_prepared_tensors(form, monkeypatch):
+def test_memory_estimate_covers_the_prepared_tensors(form, monkeypatch, make_layer):
     if form == "split-sparse":
         sparse_fusion(monkeypatch)
         form = "split"
@@ -167,7 +170,7 @@ def test_memory_estimate_covers_the_prepared_tensors(form, monkeypatch):
     assert nbytes(prepared) + nbytes(out) <= estimate
 
 
-def test_forms_errors():
+def test_forms_errors(make_layer):
     layer = make_layer(stride=2, padding=0)
     with pytest.raises(ValueError, match="fused form needs stride 1"):
         layer.set_form("fused")

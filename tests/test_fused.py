@@ -189,10 +189,7 @@ def test_training_weight_on_several_threads_equals_one_thread(channels_last, mon
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
-def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path, tiny_kse):
-    import subprocess
-    import sys
-
+def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path, tiny_kse, fresh_interpreter):
     model = tiny_kse()
     kse.deploy_(model, form="fused")
     x = torch.randn(3, 1, 16, 16)
@@ -202,21 +199,9 @@ def test_traced_model_keeps_the_kernel_as_an_operator(tmp_path, tiny_kse):
     fused_layers = sum(m.form == "fused" for m in model.modules() if isinstance(m, KSEConv2d))
     assert fused_layers > 0 and str(traced.inlined_graph).count("kse::fused_conv") == fused_layers
     traced.save(str(tmp_path / "m.ts.pt"))
-    torch.save({"x": x, "ref": ref}, tmp_path / "io.pt")
     # a fresh interpreter: the file needs the operator library, and runs once it is loaded
-    script = ("import sys, torch\n"
-              "try:\n    torch.jit.load(sys.argv[1]); print('loaded without the library')\n"
-              "except RuntimeError:\n    print('refused')\n"
-              "import kse.fused\nassert kse.fused.available()\n"
-              "io = torch.load(sys.argv[2], weights_only=True)\n"
-              "with torch.no_grad():\n    got = torch.jit.load(sys.argv[1])(io['x'])\n"
-              "print('max diff', float((got - io['ref']).abs().max() / io['ref'].abs().max()))\n")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.ts.pt"), str(tmp_path / "io.pt")],
-                         capture_output=True, text=True, timeout=300)
-    lines = res.stdout.splitlines()
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert lines[0] == "refused" and lines[1].startswith("max diff")
-    assert float(lines[1].split()[-1]) < 1e-5
+    refused, diff = fresh_interpreter("torch.jit.load", tmp_path / "m.ts.pt", x, ref, tmp_path)
+    assert refused and diff < 1e-5
 
 
 def test_operator_checks_its_indices():
