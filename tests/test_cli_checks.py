@@ -157,3 +157,21 @@ def test_eval_of_a_model_with_non_finite_outputs_is_an_error(files, tmp_path):
     line = error_line(["eval", "--checkpoint", tmp_path / "bad.kse", "--fake-size", "32", "--repeats", "1",
                            "--warmup", "1"])
     assert line.startswith("kse eval: error: the model's outputs hold NaN or Inf for 8 of 8 images")
+
+
+def test_kse_warnings_are_one_line_and_others_keep_their_form(monkeypatch, run, tmp_path):
+    import warnings
+
+    import kse.budget
+    import kse.cli.compress as cli_compress
+
+    def command(args):
+        warnings.warn_explicit("a note\nover two lines", RuntimeWarning, kse.budget.__file__, 1)
+        warnings.warn_explicit("from elsewhere", FutureWarning, torch.__file__, 1)
+        return 0
+
+    monkeypatch.setattr(cli_compress, "cmd_analyze", command)
+    with pytest.warns(FutureWarning, match="from elsewhere"):  # passed on to the usual display
+        code, _, err = run(["analyze", "--checkpoint", tmp_path / "none.kse"])
+    assert code == 0
+    assert err.strip().splitlines() == ["kse analyze: warning: a note over two lines"]

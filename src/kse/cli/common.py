@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -147,6 +148,20 @@ def resolve(args: argparse.Namespace, parser: CommandParser) -> argparse.Namespa
     return args
 
 
+def _warning_printer(command: str, fallback: Callable):
+    """``warnings.showwarning`` for a command: kse's own warnings as one line,
+    ``kse COMMAND: warning: message``; other libraries' as Python prints them."""
+    package = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            print(f"kse {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_command(parser: CommandParser, args: argparse.Namespace) -> int:
     """Run the parsed subcommand: expected errors print one line and return 2, an interrupt
     130, anything else one line and 1 (with ``KSE_DEBUG=1`` the traceback instead)."""
@@ -155,7 +170,9 @@ def run_command(parser: CommandParser, args: argparse.Namespace) -> int:
         resolve(args, sub)
         if getattr(args, "out", None):
             check_out(Path(args.out), sub.folder_out)
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return args.func(args) or 0
     except CLIError as exc:
         print(f"kse {args.command}: error: {exc}", file=sys.stderr)
         return 2
