@@ -74,14 +74,18 @@ def _batch_axis():
     return ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
 
 
+def _two_rows(example: torch.Tensor) -> torch.Tensor:
+    """``example`` with at least two rows: torch.export specialises an axis of size 1 to a constant."""
+    return example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
+
+
 class _CompileError(RuntimeError):
     """AOTInductor could not compile an exported program."""
 
 
 def _pt2(model: nn.Module, target: str, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.export`` then AOTInductor into the package ``target``; the reloaded package."""
-    # NOTE: traced at two rows at least: torch.export specialises an axis of size 1 to a constant
-    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
+    example = _two_rows(example)
     program = torch.export.export(model, (example,), dynamic_shapes=_batch_axis())
     # file objects: torch takes a path for a package only if it ends with .pt2, the temporary one does not
     with open(target, "w+b") as f:
@@ -97,7 +101,7 @@ def _onnx(model: nn.Module, target: str, example: torch.Tensor) -> Callable[[tor
     """The ``torch.export``-based ONNX exporter into ``target``; the file in an onnxruntime session."""
     import onnxruntime as ort
 
-    example = example if len(example) > 1 else example.expand(2, *example.shape[1:]).clone()
+    example = _two_rows(example)
     # NOTE: weights inside the file (external_data=False): a separate data file would be named
     # after the temporary file, which is renamed afterwards
     torch.onnx.export(model, (example,), target, dynamo=True, external_data=False, verbose=False,
