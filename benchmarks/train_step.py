@@ -1,8 +1,11 @@
-"""Time one training step (forward, backward, SGD update) of a dense CIFAR ResNet and of its
+"""Time one training step (forward, backward, SGD update) of a dense CIFAR network and of its
 KSE-compressed version, in float32 and under CPU bfloat16 autocast, measured in interleaved
-rounds in one run (the order reversed every other round).
+rounds in one run (the order reversed every other round); with ``--compile``, also each model
+under ``torch.compile`` (what ``kse train/finetune --compile`` runs), its compilation timed apart.
 
     python benchmarks/train_step.py [--checkpoint checkpoints/resnet56-fmnist.kse] [--G 4] [--batch-size 128]
+    python benchmarks/train_step.py --arch densenet40 --G 6 --exclude features.1.conv features.3.conv \
+        --layout nchw --precisions bf16 --compile
 
 Prints one JSON object: median step time and images/s per (model, precision), and the ratio
 compressed / dense (issue: a training step of the compressed model must be no slower).
@@ -27,16 +30,20 @@ import kse.fused
 from kse.models import get_model
 
 
-def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, steps: int) -> float:
+def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, steps: int,
+              forward=None) -> float:
+    """The median time of ``steps`` training steps after one untimed one; ``forward`` runs the
+    model (default: ``model`` itself; a compiled one)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    forward = model if forward is None else forward
     model.train()
     times = []
     for _ in range(steps + 1):  # the first step warms up
         sync()
         t = time.perf_counter()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,8 +69,13 @@ def profile_steps(models: dict, x: torch.Tensor, y: torch.Tensor, rows: int = 12
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None, help="a dense .kse baseline (default: random resnet56)")
+    ap.add_argument("--checkpoint", default=None, help="a dense .kse baseline (default: a random --arch)")
+    ap.add_argument("--arch", default="resnet56", help="the random model without --checkpoint (1x28x28 input)")
     ap.add_argument("--G", type=int, default=4)
+    ap.add_argument("--exclude", nargs="*", default=[], help="KSEConfig.exclude: layers left dense")
+    ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--channel-multiple", type=int, default=8, help="KSEConfig.channel_multiple (1: odd widths)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -87,26 +99,39 @@ def main() -> None:
         size = tuple(dense.kse_preprocess["input_size"])
     else:
         torch.manual_seed(0)
-        dense, size = get_model("resnet56", num_classes=10, in_channels=1), (1, 28, 28)
-    compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size, channel_multiple=args.channel_multiple))
+        dense, size = get_model(args.arch, num_classes=10, in_channels=1), (1, 28, 28)
+    compressed = kse.compress(dense, kse.KSEConfig(G=args.G, input_size=size, channel_multiple=args.channel_multiple,
+                                                   exclude=args.exclude))
     models = {"dense": dense, f"kse_g{args.G}": compressed}
     if args.stock_weight:
         models[f"kse_g{args.G}_stock"] = copy.deepcopy(compressed)
+    layout = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
     for m in models.values():
-        m.to(device=args.device, memory_format=torch.channels_last)
+        m.to(device=args.device, memory_format=layout)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, *size, generator=g).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
     x, y = x.to(args.device), y.to(args.device)
-    samples = {(name, amp): [] for name in models for amp in (False, True)}
+    precisions = [p == "bf16" for p in ("fp32", "bf16") if p in args.precisions]
+    forwards, compile_s = {name: None for name in models}, {}
+    if args.compile:  # a copy of each model, compiled (and recompiled per precision) before any timing
+        for name in list(models):
+            models[f"{name}_compiled"] = copy.deepcopy(models[name])
+            forwards[f"{name}_compiled"] = torch.compile(models[f"{name}_compiled"])
+            for amp in precisions:
+                t = time.perf_counter()
+                step_time(models[f"{name}_compiled"], x, y, amp, 1, forwards[f"{name}_compiled"])
+                compile_s[f"{name}_{'bf16' if amp else 'fp32'}"] = round(time.perf_counter() - t, 1)
+    samples = {(name, amp): [] for name in models for amp in precisions}
     for r in range(args.rounds):  # the order reversed every round: a fixed order favoured some entries by ~5%
         for (name, amp) in (list(samples) if r % 2 == 0 else list(samples)[::-1]):
             kse.training_weight.configure_training(extension=not name.endswith("_stock"))
-            samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps))
+            samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps, forwards[name]))
     if args.profile:
         profile_steps(models, x, y)
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
-              "checkpoint": args.checkpoint, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
+              "checkpoint": args.checkpoint, "arch": None if args.checkpoint else args.arch, "exclude": args.exclude,
+              "layout": args.layout, "compile_s": compile_s or None, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
               "select_max_kept": kse.training_weight.configure_training()["select_max_kept"],
               "weight_built_by": ("stock operations (not on the CPU)" if args.device != "cpu" else "extension"
                                   if kse.fused.available() else f"stock operations ({kse.fused.build_error()})")}
@@ -115,11 +140,17 @@ def main() -> None:
         med = statistics.median(ts)
         result[f"{key}_step_ms"] = round(1e3 * med, 2)
         result[f"{key}_img_per_s"] = round(args.batch_size / med, 1)
-    for prec in ("fp32", "bf16"):
-        for name in list(models)[1:]:
-            result[f"step_ratio_{name.replace(f'_g{args.G}', '')}_over_dense_{prec}"] = round(
-                result[f"{name}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
-    result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
+    for prec in args.precisions:
+        for name in models:
+            if name != "dense" and not name.endswith("_compiled"):
+                result[f"step_ratio_{name.replace(f'_g{args.G}', '')}_over_dense_{prec}"] = round(
+                    result[f"{name}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
+            if name.endswith("_compiled"):
+                eager = name[:-len("_compiled")]
+                result[f"compile_speedup_{eager.replace(f'_g{args.G}', '')}_{prec}"] = round(
+                    result[f"{eager}_{prec}_step_ms"] / result[f"{name}_{prec}_step_ms"], 3)
+    if len(precisions) == 2:
+        result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
     result.update(torch_threads=torch.get_num_threads(), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
                   device_name=torch.cuda.get_device_name() if x.is_cuda else platform.processor(),
                   torch=torch.__version__)

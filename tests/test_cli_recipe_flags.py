@@ -61,6 +61,33 @@ def test_finetune_milestones_flag(tiny_checkpoint, tmp_path, captured_fit, run):
     assert captured_fit["cfg"].milestones == [0.25, 0.75]
 
 
+
+def test_compile_flag_reaches_the_training_config(tiny_checkpoint, tmp_path, captured_fit, run):
+    code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "plain"))
+    assert code == 0 and captured_fit["cfg"].compile is False, err  # off by default
+    code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "compiled", "--compile"))
+    assert code == 0 and captured_fit["cfg"].compile is True, err
+
+
+@pytest.mark.parametrize("command", ["finetune", "train"])
+def test_a_step_that_cannot_compile_is_one_error_line(command, tiny_checkpoint, tmp_path, monkeypatch,
+                                                      one_error_line):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def no_compiler(model):
+        def run(x):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("cc1plus: not found"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    argv = (finetune_argv(tiny_checkpoint, tmp_path / "ft") if command == "finetune" else
+            ["train", "--arch", "resnet20", "--dataset", "fake", "--fake-size", 8, "--input-size", 16,
+             "--batch-size", 4, "--device", "cpu", "--out", tmp_path / "ft"])
+    line = one_error_line([*argv, "--compile", "--epochs", 1, "--max-steps", 1])
+    assert line.startswith(f"kse {command}: error: torch.compile could not compile the training step")
+    assert "needs a C++ compiler" in line and "no --compile" in line
+    assert not (tmp_path / "ft" / "model.kse").exists()
+
 def test_imagenet_milestones_from_yaml_drop_exactly_at_epochs_7_and_14(tiny_checkpoint, tmp_path, captured_fit, run):
     # the fractions the ImageNet recipes use: 7/21 and 14/21 rounded down, so the drop lands on the epoch boundary
     config = tmp_path / "finetune.yaml"

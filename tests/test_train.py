@@ -151,6 +151,7 @@ def test_fit_sets_the_scheduled_lr(tmp_path):
     (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     (dict(max_steps_per_epoch=0), r"max_steps_per_epoch must be None or an integer >= 1"),
     (dict(nesterov="no"), r"nesterov must be true or false, got 'no'"),
+    (dict(compile=1), r"compile must be true or false, got 1"),
 ])
 def test_train_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -216,6 +217,53 @@ def test_amp_on_cpu_trains_in_bfloat16_with_float32_weights(tmp_path):
     assert seen[-1] == torch.float32  # evaluation does not
     assert model.fc.weight.dtype == torch.float32 and not torch.equal(model.fc.weight, before)
     assert math.isfinite(history[-1]["train_loss"])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def _small_kse_net(seed: int) -> nn.Module:
+    """A network small enough to compile in seconds, with one KSE layer among dense ones."""
+    import kse
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10))
+    kse.compress_(net, kse.KSEConfig(G=4, include=["3"]))
+    assert type(net[3]).__name__ == "KSEConv2d"
+    return net
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """``compile=True`` runs the same steps through torch.compile: after two epochs (a switch to
+    evaluation and back between them) the weights and the metrics are those of eager training."""
+    torch.set_num_threads(1)
+    train, test, _ = _loaders()
+    eager, compiled = _small_kse_net(0), _small_kse_net(0)
+    cfg = dict(epochs=2, channels_last=False)
+    want = fit(eager, train, test, _cfg(**cfg), tmp_path / "eager", CPU)
+    got = fit(compiled, train, test, _cfg(compile=True, **cfg), tmp_path / "compiled", CPU)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for key in ("train_loss", "test_loss", "test_top1"):
+        assert [row[key] for row in got] == pytest.approx([row[key] for row in want], rel=1e-4, abs=1e-4), key
+    assert not any(p.grad is None for p in compiled.parameters())  # the compiled steps trained the module
+
+
+def test_a_failed_compilation_is_one_error_that_says_what_to_do(tmp_path, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from kse.train import CompileError
+
+    def no_compiler(model):
+        def run(x):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("cc1plus: not found"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    train, test, _ = _loaders()
+    with pytest.raises(CompileError, match=r"cc1plus: not found.*needs a C\+\+ compiler.*no --compile"):
+        fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path, CPU)
+    assert not (tmp_path / "last.ckpt").exists()
 
 
 def test_optimizer_default_and_official():

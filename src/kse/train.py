@@ -52,6 +52,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = False
     channels_last: bool = True
+    # torch.compile the training steps (evaluation and checkpoints use the module itself): the
+    # first steps pay for the compilation, once per process
+    compile: bool = False
     seed: int = 0
     max_steps_per_epoch: Optional[int] = None  # for quick runs and tests
 
@@ -69,7 +72,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'multistep', got {self.schedule!r}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        for name in ("nesterov", "decay_norm_and_bias", "amp", "channels_last"):
+        for name in ("nesterov", "decay_norm_and_bias", "amp", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
@@ -131,9 +134,12 @@ def _progress(done: int, total: int, images: float, t0: float, extra: str) -> No
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    epoch: int, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None) -> Dict[str, float]:
-    """One pass over ``loader``; returns mean loss, top-1 accuracy and throughput."""
+                    epoch: int, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None,
+                    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """One pass over ``loader``; returns mean loss, top-1 accuracy and throughput. ``forward``
+    runs the model's forward pass in the steps (default: ``model`` itself; a compiled one)."""
     model.train()
+    forward = model if forward is None else forward
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     if steps == 0:
         raise ValueError(f"the training data gives no batch per epoch ({_data_size(loader)}, batch size "
@@ -155,7 +161,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(x)
+            out = forward(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
         if not (torch.isfinite(loss) & torch.isfinite(out).all()):  # one synchronisation for both
             what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "the outputs hold NaN or Inf"
@@ -321,6 +327,30 @@ def sync_replicas(model: nn.Module) -> List[str]:
     return [str(d) for d in digests]
 
 
+class CompileError(RuntimeError):
+    """``torch.compile`` could not compile the training step."""
+
+
+def _compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` under ``torch.compile``, whose failure to compile (no C++ compiler for the CPU
+    kernels, an operation it cannot trace) is one :class:`CompileError` that says what to do."""
+    import torch._dynamo
+
+    if is_main_process():
+        print("compiling the training step (torch.compile): the first steps take longer", file=sys.stderr, flush=True)
+    compiled = torch.compile(model)
+
+    def run(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise CompileError(f"torch.compile could not compile the training step ({first}); it needs a C++ "
+                               "compiler on the CPU (Triton on CUDA); train without compiling (no --compile)") from None
+
+    return run
+
+
 def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: Path,
         device: torch.device, resume: bool = False,
         on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> List[dict]:
@@ -344,6 +374,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
     elif resume and is_main_process():
         print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
+    forward = _compiled(model) if cfg.compile and start < cfg.epochs else None
     for epoch in range(start, cfg.epochs):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -351,7 +382,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same batches
         t0 = time.time()
         row = {"epoch": epoch + 1}
-        row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler))
+        row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler, forward))
         if is_distributed():
             row["replica_digests"] = sync_replicas(model)
         row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})

@@ -432,6 +432,18 @@ def busy_note(command: str) -> None:
         stage(command, f"note: {note}")
 
 
+def fit_or_explain(net: torch.nn.Module, train_loader, test_loader, cfg, out: Path, dev: torch.device,
+                   resume: bool) -> list:
+    """:func:`kse.train.fit` for ``kse train`` and ``kse finetune``: a training step that
+    ``--compile`` cannot compile is one error line, not a traceback."""
+    from ..train import CompileError, fit
+
+    try:
+        return fit(net, train_loader, test_loader, cfg, out, dev, resume=resume)
+    except CompileError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def training_extension(command: str, model: torch.nn.Module, device: torch.device, say: bool = True) -> None:
     """Load the compiled extension that builds W' in CPU training steps before the first one
     (building it on first use takes a while once per machine), with a note saying so."""

@@ -85,11 +85,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 on_note=lambda msg: stage("export", msg), on_written=written)
     except ExportError as exc:
         raise CLIError(str(exc)) from None
-    loaders = {"pt2": "torch._inductor.aoti_load_package", "torchscript": "torch.jit.load"}
-    for fmt, loader in loaders.items():
+    for fmt in FORMATS:
         if f"{fmt}_needs" in manifest:
-            print(f"note: {FORMATS[fmt]} calls the fused KSE kernel (torch.ops.kse.fused_conv): in Python, "
-                  f"`import kse.ops; kse.ops.load_library()` before {loader}")
+            print(f"note: {FORMATS[fmt]} calls the fused KSE kernel (torch.ops.kse.fused_conv); it needs "
+                  f"{manifest[f'{fmt}_needs']}")
     print(f"wrote {out / 'export.json'}")
     return 0
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .common import (CLIError, add_command, add_common, check_dataset_fits, checkpoint_path, dataset_name, parse_device,
-                     fake_input_size, finite_float, kse_layers, load_model, loaders, save_args, stage, training_extension)
+                     fake_input_size, finite_float, fit_or_explain, kse_layers, load_model, loaders, save_args, stage,
+                     training_extension)
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -24,7 +25,7 @@ def _finetune_config(args: argparse.Namespace):
     return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.schedule, milestones=milestones, gamma=0.1,
                        seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
-                       amp=bool(args.amp), nesterov=not official, decay_norm_and_bias=official)
+                       amp=bool(args.amp), compile=bool(args.compile), nesterov=not official, decay_norm_and_bias=official)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, path: Path, cfg, dev: torch.device, distributed: bool) -> int:
     from ..distributed import wrap_ddp
     from ..serialization import save
-    from ..train import fit, is_main_process
+    from ..train import is_main_process
 
     model = load_model(path)  # every rank loads the same file: identical KSE layers everywhere
     layers = kse_layers(model)
@@ -67,7 +68,7 @@ def _finetune(args: argparse.Namespace, path: Path, cfg, dev: torch.device, dist
         stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
                           f"{cfg.schedule}, device {dev}")
     training_extension("finetune", model, dev, say=is_main_process())
-    history = fit(net, train_loader, test_loader, cfg, out, dev, resume=args.resume)
+    history = fit_or_explain(net, train_loader, test_loader, cfg, out, dev, args.resume)
     if is_main_process():
         final = out / "model.kse"
         extra = {**(getattr(model, "kse_extra", None) or {}), "finetuned_from": str(path),
@@ -85,7 +86,7 @@ def register(subparsers) -> None:
         subparsers, "finetune", cmd_finetune, folder_out=True,
         defaults=dict(epochs=20, lr=0.01, batch_size=128, schedule="multistep", milestones=[0.5], weight_decay=1e-5,
                       workers=0, amp=False, channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256,
-                      official_sgd=False),
+                      official_sgd=False, compile=False),
         help="fine-tune a compressed checkpoint",
         epilog="Defaults: 20 epochs (the paper runs 200 on CIFAR-10), lr 0.01, batch 128, the dataset "
                "recorded in the checkpoint.",
@@ -106,6 +107,9 @@ def register(subparsers) -> None:
     p.add_argument("--amp", action="store_true", default=None,
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step: faster steps after a compilation of a minute or more "
+                        "per run (needs a C++ compiler on the CPU); pays off on runs of several epochs")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .common import CLIError, add_command, add_common, finite_float, loaders, parse_device, positive_int, save_args
+from .common import (CLIError, add_command, add_common, finite_float, fit_or_explain, loaders, parse_device,
+                     positive_int, save_args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,12 +102,13 @@ def _save_pretrained(args: argparse.Namespace, weights: str) -> int:
 
 def _train(args: argparse.Namespace, dev: torch.device, distributed: bool) -> int:
     from ..distributed import revert_sync_batchnorm, wrap_ddp
-    from ..train import TrainConfig, fit, is_main_process
+    from ..train import TrainConfig, is_main_process
 
     out = Path(args.out)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                      amp=args.amp, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps)
+                      amp=args.amp, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
+                      compile=args.compile)
     train_loader, test_loader, info = loaders(args.dataset, args.data_dir, args.batch_size, args.workers,
                                               args.fake_size, args.input_size, args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -117,7 +119,7 @@ def _train(args: argparse.Namespace, dev: torch.device, distributed: bool) -> in
     net = wrap_ddp(model, dev, args.sync_bn) if distributed else model
     out.mkdir(parents=True, exist_ok=True)
     save_args(args, out)
-    fit(net, train_loader, test_loader, cfg, out, dev, resume=args.resume)
+    fit_or_explain(net, train_loader, test_loader, cfg, out, dev, args.resume)
     if is_main_process():
         from .. import serialization  # imported late: a long run picks up the current file format code
 
@@ -135,7 +137,7 @@ def register(subparsers) -> None:
         defaults=dict(arch="resnet56", dataset="fashion-mnist", out="runs/train", epochs=30, lr=0.1, batch_size=128,
                       schedule="cosine", weight_decay=5e-4, warmup_epochs=0.0, workers=0, amp=False,
                       channels_last=True, resume=False, sync_bn=False, seed=0, max_steps=None, fake_size=256,
-                      input_size=None),
+                      input_size=None, compile=False),
         help="train a baseline (from scratch or from torchvision weights)",
         description="Train a baseline model; writes last.ckpt every epoch, metrics.jsonl and model.kse. "
                     "With --weights (torchvision models), start from pretrained weights; with "
@@ -151,6 +153,9 @@ def register(subparsers) -> None:
     p.add_argument("--amp", action="store_true", default=None,
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step: faster steps after a compilation of a minute or more "
+                        "per run (needs a C++ compiler on the CPU); pays off on runs of several epochs")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
