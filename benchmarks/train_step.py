@@ -59,6 +59,8 @@ def profile_steps(models: dict, x: torch.Tensor, y: torch.Tensor, rows: int = 12
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     key = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
     for name, model in models.items():
+        if name.endswith("_compiled"):  # the profiler would run them eager: left out
+            continue
         kse.training_weight.configure_training(extension=not name.endswith("_stock"))
         step_time(model, x, y, False, 1)  # warm
         with profile(activities=acts) as prof:
@@ -115,7 +117,7 @@ def main() -> None:
     precisions = [p == "bf16" for p in ("fp32", "bf16") if p in args.precisions]
     forwards, compile_s = {name: None for name in models}, {}
     if args.compile:  # a copy of each model, compiled (and recompiled per precision) before any timing
-        for name in list(models):
+        for name in [n for n in models if not n.endswith("_stock")]:  # compiled steps trace stock operations
             models[f"{name}_compiled"] = copy.deepcopy(models[name])
             forwards[f"{name}_compiled"] = torch.compile(models[f"{name}_compiled"])
             for amp in precisions:
@@ -131,7 +133,8 @@ def main() -> None:
         profile_steps(models, x, y)
     result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
               "checkpoint": args.checkpoint, "arch": None if args.checkpoint else args.arch, "exclude": args.exclude,
-              "layout": args.layout, "compile_s": compile_s or None, "G": args.G, "channel_multiple": args.channel_multiple, "device": args.device,
+              "layout": args.layout, "compile_s": compile_s or None, "G": args.G,
+              "channel_multiple": args.channel_multiple, "device": args.device,
               "select_max_kept": kse.training_weight.configure_training()["select_max_kept"],
               "weight_built_by": ("stock operations (not on the CPU)" if args.device != "cpu" else "extension"
                                   if kse.fused.available() else f"stock operations ({kse.fused.build_error()})")}
@@ -147,8 +150,12 @@ def main() -> None:
                     result[f"{name}_{prec}_step_ms"] / result[f"dense_{prec}_step_ms"], 3)
             if name.endswith("_compiled"):
                 eager = name[:-len("_compiled")]
-                result[f"compile_speedup_{eager.replace(f'_g{args.G}', '')}_{prec}"] = round(
+                short = eager.replace(f"_g{args.G}", "")
+                result[f"compile_speedup_{short}_{prec}"] = round(
                     result[f"{eager}_{prec}_step_ms"] / result[f"{name}_{prec}_step_ms"], 3)
+                if eager != "dense":
+                    result[f"step_ratio_{short}_compiled_over_dense_compiled_{prec}"] = round(
+                        result[f"{name}_{prec}_step_ms"] / result[f"dense_compiled_{prec}_step_ms"], 3)
     if len(precisions) == 2:
         result["bf16_speedup_dense"] = round(result["dense_fp32_step_ms"] / result["dense_bf16_step_ms"], 3)
     result.update(torch_threads=torch.get_num_threads(), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",

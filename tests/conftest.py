@@ -3,6 +3,7 @@
 - ``one_thread`` (module scope): one torch thread and no torchrun environment for a whole test
   module; a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 - ``run``, ``ok``, ``one_error_line``: the ``kse`` command run in process (``kse.cli.main``).
+- ``failing_compile``: ``torch.compile`` replaced by one whose model raises a given exception.
 - ``tiny_kse``: a small KSE-compressed model; ``assert_same_function``: the tolerance at which a
   fast form is compared with its slow reference.
 - Slow references, plain loops that fast code is checked against: ``reference_forward`` (a KSE
@@ -32,6 +33,21 @@ def one_thread():
     os.environ.pop("WORLD_SIZE", None)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def failing_compile(monkeypatch) -> Callable[[BaseException], None]:
+    """``failing_compile(exc)``: from then on (for the test), the model that ``torch.compile``
+    returns raises ``exc`` when called, as a compilation that fails at the first step does."""
+    def install(exc: BaseException) -> None:
+        def compile_(model, *args, **kwargs):
+            def run(*a, **k):
+                raise exc
+            return run
+
+        monkeypatch.setattr(torch, "compile", compile_)
+
+    return install
 
 
 # ----------------------------------------------------------------------------- the command line

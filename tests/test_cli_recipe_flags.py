@@ -61,7 +61,6 @@ def test_finetune_milestones_flag(tiny_checkpoint, tmp_path, captured_fit, run):
     assert captured_fit["cfg"].milestones == [0.25, 0.75]
 
 
-
 def test_compile_flag_reaches_the_training_config(tiny_checkpoint, tmp_path, captured_fit, run):
     code, _, err = run(finetune_argv(tiny_checkpoint, tmp_path / "plain"))
     assert code == 0 and captured_fit["cfg"].compile is False, err  # off by default
@@ -69,24 +68,46 @@ def test_compile_flag_reaches_the_training_config(tiny_checkpoint, tmp_path, cap
     assert code == 0 and captured_fit["cfg"].compile is True, err
 
 
+def _argv(command, tiny_checkpoint, out):
+    if command == "finetune":
+        return finetune_argv(tiny_checkpoint, out)
+    return ["train", "--arch", "resnet20", "--dataset", "fake", "--fake-size", 8, "--input-size", 16,
+            "--batch-size", 4, "--device", "cpu", "--out", out]
+
+
 @pytest.mark.parametrize("command", ["finetune", "train"])
-def test_a_step_that_cannot_compile_is_one_error_line(command, tiny_checkpoint, tmp_path, monkeypatch,
+def test_a_step_that_cannot_compile_is_one_error_line(command, tiny_checkpoint, tmp_path, failing_compile,
                                                       one_error_line):
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def no_compiler(model):
-        def run(x):
-            raise BackendCompilerFailed(lambda: None, RuntimeError("cc1plus: not found"), None)
-        return run
+    from kse.train import CompileError, check_compile
 
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    argv = (finetune_argv(tiny_checkpoint, tmp_path / "ft") if command == "finetune" else
-            ["train", "--arch", "resnet20", "--dataset", "fake", "--fake-size", 8, "--input-size", 16,
-             "--batch-size", 4, "--device", "cpu", "--out", tmp_path / "ft"])
-    line = one_error_line([*argv, "--compile", "--epochs", 1, "--max-steps", 1])
-    assert line.startswith(f"kse {command}: error: torch.compile could not compile the training step")
-    assert "needs a C++ compiler" in line and "no --compile" in line
+    try:
+        check_compile(torch.device("cpu"))
+    except CompileError as exc:
+        pytest.skip(str(exc))
+    failing_compile(BackendCompilerFailed(lambda: None, RuntimeError("no lowering for aten.foo"), None))
+    line = one_error_line([*_argv(command, tiny_checkpoint, tmp_path / "ft"), "--compile", "--epochs", 1,
+                           "--max-steps", 1])
+    assert line == (f"kse {command}: error: torch.compile failed on the training step (RuntimeError: no lowering "
+                    "for aten.foo); train without compiling (no --compile, TrainConfig(compile=False))")
     assert not (tmp_path / "ft" / "model.kse").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "train"])
+def test_no_compiler_is_one_error_line_before_any_work(command, tiny_checkpoint, tmp_path, monkeypatch,
+                                                       one_error_line):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def none_found():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    line = one_error_line([*_argv(command, tiny_checkpoint, tmp_path / "ft"), "--compile"])
+    assert line.startswith(f"kse {command}: error: torch.compile needs a C++ compiler on the CPU and found none")
+    assert not (tmp_path / "ft").exists()  # said before the folder, the arguments or the data
+
 
 def test_imagenet_milestones_from_yaml_drop_exactly_at_epochs_7_and_14(tiny_checkpoint, tmp_path, captured_fit, run):
     # the fractions the ImageNet recipes use: 7/21 and 14/21 rounded down, so the drop lands on the epoch boundary

@@ -233,37 +233,108 @@ def _small_kse_net(seed: int) -> nn.Module:
     return net
 
 
-def test_compiled_training_matches_eager(tmp_path):
-    """``compile=True`` runs the same steps through torch.compile: after two epochs (a switch to
-    evaluation and back between them) the weights and the metrics are those of eager training."""
+def _compiler_or_skip() -> None:
+    from kse.train import CompileError, check_compile
+
+    try:
+        check_compile(CPU)
+    except CompileError as exc:
+        pytest.skip(str(exc))
+
+
+def test_compiled_training_matches_eager_and_resumes(tmp_path):
+    """``compile=True`` runs the same steps through torch.compile: two epochs (a switch to
+    evaluation and back between them) compile the step once (one more graph once the KSE layer's
+    training index exists), never again per epoch; a stop and ``resume`` continue compiled; the
+    weights and metrics are those of eager training."""
+    from torch._dynamo.utils import counters
+
+    _compiler_or_skip()
     torch.set_num_threads(1)
     train, test, _ = _loaders()
-    eager, compiled = _small_kse_net(0), _small_kse_net(0)
-    cfg = dict(epochs=2, channels_last=False)
+    cfg = dict(epochs=3, channels_last=False)
+    eager = _small_kse_net(0)
     want = fit(eager, train, test, _cfg(**cfg), tmp_path / "eager", CPU)
-    got = fit(compiled, train, test, _cfg(compile=True, **cfg), tmp_path / "compiled", CPU)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_second_epoch(epoch, row):
+        if epoch == 1:
+            raise Stop
+
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.raises(Stop):
+        fit(_small_kse_net(0), train, test, _cfg(compile=True, **cfg), tmp_path / "compiled", CPU,
+            on_epoch_end=stop_after_second_epoch)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # compiled, and not again after the evaluation
+    compiled = _small_kse_net(0)
+    with torch.no_grad():  # other weights: everything must come from last.ckpt
+        for p in compiled.parameters():
+            p.add_(1.0)
+    got = fit(compiled, train, test, _cfg(compile=True, **cfg), tmp_path / "compiled", CPU, resume=True)
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
     for key in ("train_loss", "test_loss", "test_top1"):
         assert [row[key] for row in got] == pytest.approx([row[key] for row in want], rel=1e-4, abs=1e-4), key
-    assert not any(p.grad is None for p in compiled.parameters())  # the compiled steps trained the module
 
 
-def test_a_failed_compilation_is_one_error_that_says_what_to_do(tmp_path, monkeypatch):
+def _backend_failure(inner: Exception) -> Exception:
     from torch._dynamo.exc import BackendCompilerFailed
+
+    return BackendCompilerFailed(lambda: None, inner, None)
+
+
+def _cpp_compile_error() -> Exception:
+    from torch._inductor.exc import CppCompileError
+
+    return CppCompileError(["g++", "x.cpp"], "cc1plus: fatal error")
+
+
+@pytest.mark.parametrize("failure, match", [
+    (lambda: _backend_failure(_cpp_compile_error()),
+     r"could not build the training step's C\+\+ code \(CppCompileError: .*cc1plus: fatal error.*needs a working "
+     r"C\+\+ compiler; train without compiling \(no --compile"),
+    (lambda: _backend_failure(NotImplementedError("no lowering for aten.foo")),
+     r"^torch.compile failed on the training step \(NotImplementedError: no lowering for aten.foo\); train "
+     r"without compiling"),
+])
+def test_a_failed_compilation_is_one_error_that_says_what_to_do(failure, match, tmp_path, failing_compile):
+    from kse.train import CompileError
+
+    _compiler_or_skip()
+    failing_compile(failure())
+    train, test, _ = _loaders()
+    with pytest.raises(CompileError, match=match) as info:
+        fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path, CPU)
+    assert "TORCHDYNAMO_VERBOSE" not in str(info.value)  # torch's own advice is left out
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_other_errors_of_a_compiled_step_pass_through(tmp_path, failing_compile):
+    _compiler_or_skip()
+    failing_compile(FloatingPointError("a step of the model's own"))
+    train, test, _ = _loaders()
+    with pytest.raises(FloatingPointError, match="a step of the model's own"):
+        fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path, CPU)
+
+
+def test_no_compiler_is_said_before_training(tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
 
     from kse.train import CompileError
 
-    def no_compiler(model):
-        def run(x):
-            raise BackendCompilerFailed(lambda: None, RuntimeError("cc1plus: not found"), None)
-        return run
+    def none_found():
+        raise InvalidCxxCompiler()
 
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
     train, test, _ = _loaders()
-    with pytest.raises(CompileError, match=r"cc1plus: not found.*needs a C\+\+ compiler.*no --compile"):
+    with pytest.raises(CompileError, match=r"needs a C\+\+ compiler on the CPU and found none \(InvalidCxxCompiler; "
+                                           r"install g\+\+ or set \$CXX\)"):
         fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path, CPU)
-    assert not (tmp_path / "last.ckpt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_optimizer_default_and_official():

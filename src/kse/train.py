@@ -328,27 +328,50 @@ def sync_replicas(model: nn.Module) -> List[str]:
 
 
 class CompileError(RuntimeError):
-    """``torch.compile`` could not compile the training step."""
+    """``torch.compile`` cannot compile the training step here (no C++ compiler for the CPU, no
+    Triton for CUDA), or failed to."""
 
 
-def _compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` under ``torch.compile``, whose failure to compile (no C++ compiler for the CPU
-    kernels, an operation it cannot trace) is one :class:`CompileError` that says what to do."""
-    import torch._dynamo
+_NO_COMPILE = "train without compiling (no --compile, TrainConfig(compile=False))"
 
-    if is_main_process():
-        print("compiling the training step (torch.compile): the first steps take longer", file=sys.stderr, flush=True)
-    compiled = torch.compile(model)
 
-    def run(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            first = " ".join(str(exc).split())[:300]
-            raise CompileError(f"torch.compile could not compile the training step ({first}); it needs a C++ "
-                               "compiler on the CPU (Triton on CUDA); train without compiling (no --compile)") from None
+def check_compile(device: torch.device) -> None:
+    """Raise :class:`CompileError` where ``torch.compile`` has nothing to compile with on
+    ``device``: no C++ compiler (CPU; inductor's own search, ``$CXX`` included), no Triton
+    (CUDA). Passing does not promise that compilation succeeds."""
+    try:
+        if device.type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
 
-    return run
+            get_cpp_compiler()
+        elif device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                raise CompileError(f"torch.compile needs Triton on CUDA, which is not installed; {_NO_COMPILE}")
+    except (ImportError, AttributeError):  # torch moved its helpers: compilation will say what is missing
+        return
+    except CompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler and friends
+        raise CompileError(f"torch.compile needs a C++ compiler on the CPU and found none ({type(exc).__name__}; "
+                           f"install g++ or set $CXX); {_NO_COMPILE}") from None
+
+
+def _compile_failure(exc: BaseException) -> Optional[CompileError]:
+    """The :class:`CompileError` for an exception of a compiled training step, or ``None`` when
+    it is not a compilation failure (raised again as it is)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    inner = exc.inner_exception if isinstance(exc, BackendCompilerFailed) else exc
+    if not isinstance(exc, BackendCompilerFailed) and not isinstance(inner, (CppCompileError, InvalidCxxCompiler)):
+        return None
+    what = f"{type(inner).__name__}: {' '.join(str(inner).split())[:200]}"
+    if isinstance(inner, (CppCompileError, InvalidCxxCompiler)):
+        return CompileError(f"torch.compile could not build the training step's C++ code ({what}); it needs a "
+                            f"working C++ compiler; {_NO_COMPILE}")
+    return CompileError(f"torch.compile failed on the training step ({what}); {_NO_COMPILE}")
 
 
 def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: Path,
@@ -374,7 +397,13 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
     elif resume and is_main_process():
         print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
-    forward = _compiled(model) if cfg.compile and start < cfg.epochs else None
+    forward = None
+    if cfg.compile and start < cfg.epochs:
+        check_compile(device)
+        if is_main_process():
+            print("compiling the training step (torch.compile): the first steps wait for it", file=sys.stderr,
+                  flush=True)
+        forward = torch.compile(model)
     for epoch in range(start, cfg.epochs):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -382,7 +411,13 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same batches
         t0 = time.time()
         row = {"epoch": epoch + 1}
-        row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler, forward))
+        try:
+            row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler, forward))
+        except Exception as exc:  # noqa: BLE001 - a compilation failure (forward or backward) is one CompileError
+            failure = _compile_failure(exc) if forward is not None else None
+            if failure is None:
+                raise
+            raise failure from None
         if is_distributed():
             row["replica_digests"] = sync_replicas(model)
         row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})

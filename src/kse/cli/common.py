@@ -21,7 +21,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-EXPECTED_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError)
+from ..train import CompileError
+
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError, CompileError)
 
 
 class CLIError(Exception):
@@ -430,18 +432,6 @@ def busy_note(command: str) -> None:
     note = note_of_load()
     if note:
         stage(command, f"note: {note}")
-
-
-def fit_or_explain(net: torch.nn.Module, train_loader, test_loader, cfg, out: Path, dev: torch.device,
-                   resume: bool) -> list:
-    """:func:`kse.train.fit` for ``kse train`` and ``kse finetune``: a training step that
-    ``--compile`` cannot compile is one error line, not a traceback."""
-    from ..train import CompileError, fit
-
-    try:
-        return fit(net, train_loader, test_loader, cfg, out, dev, resume=resume)
-    except CompileError as exc:
-        raise CLIError(str(exc)) from None
 
 
 def training_extension(command: str, model: torch.nn.Module, device: torch.device, say: bool = True) -> None:

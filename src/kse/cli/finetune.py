@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from .common import (CLIError, add_command, add_common, check_dataset_fits, checkpoint_path, dataset_name, parse_device,
-                     fake_input_size, finite_float, fit_or_explain, kse_layers, load_model, loaders, save_args, stage,
-                     training_extension)
+                     fake_input_size, finite_float, kse_layers, load_model, loaders, save_args, stage, training_extension)
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -25,17 +24,21 @@ def _finetune_config(args: argparse.Namespace):
     return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.schedule, milestones=milestones, gamma=0.1,
                        seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
-                       amp=bool(args.amp), compile=bool(args.compile), nesterov=not official, decay_norm_and_bias=official)
+                       amp=bool(args.amp), compile=bool(args.compile), nesterov=not official,
+                       decay_norm_and_bias=official)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed, run_distributed, world_size
+    from ..train import check_compile
 
     path = checkpoint_path(args)
     if not args.out:
         raise CLIError("--out is required: the folder for last.ckpt, metrics.jsonl and model.kse")
     cfg = _finetune_config(args)
     dev = parse_device(args.device)
+    if cfg.compile:
+        check_compile(dev)
     if world_size() <= 1:
         return _finetune(args, path, cfg, dev, distributed=False)
     dev = init_distributed(dev)
@@ -45,7 +48,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, path: Path, cfg, dev: torch.device, distributed: bool) -> int:
     from ..distributed import wrap_ddp
     from ..serialization import save
-    from ..train import is_main_process
+    from ..train import fit, is_main_process
 
     model = load_model(path)  # every rank loads the same file: identical KSE layers everywhere
     layers = kse_layers(model)
@@ -67,8 +70,9 @@ def _finetune(args: argparse.Namespace, path: Path, cfg, dev: torch.device, dist
     if is_main_process():
         stage("finetune", f"{len(layers)} KSE layers, {cfg.epochs} epochs on {name}, lr {cfg.lr}, "
                           f"{cfg.schedule}, device {dev}")
-    training_extension("finetune", model, dev, say=is_main_process())
-    history = fit_or_explain(net, train_loader, test_loader, cfg, out, dev, args.resume)
+    if not cfg.compile:  # compiled steps build W' with the operations torch.compile traces
+        training_extension("finetune", model, dev, say=is_main_process())
+    history = fit(net, train_loader, test_loader, cfg, out, dev, resume=args.resume)
     if is_main_process():
         final = out / "model.kse"
         extra = {**(getattr(model, "kse_extra", None) or {}), "finetuned_from": str(path),
@@ -108,8 +112,8 @@ def register(subparsers) -> None:
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step: faster steps after a compilation of a minute or more "
-                        "per run (needs a C++ compiler on the CPU); pays off on runs of several epochs")
+                   help="torch.compile the training step: faster steps after a compilation that takes a minute or "
+                        "more the first time (torch caches it on disk); needs a C++ compiler on the CPU")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
     p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")

@@ -12,14 +12,14 @@ from typing import Optional
 
 import torch
 
-from .common import (CLIError, add_command, add_common, finite_float, fit_or_explain, loaders, parse_device,
-                     positive_int, save_args)
+from .common import CLIError, add_command, add_common, finite_float, loaders, parse_device, positive_int, save_args
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..data import dataset_info
     from ..distributed import init_distributed, run_distributed, world_size
     from ..models import list_models
+    from ..train import check_compile
 
     # Cheap checks first, so that a typo fails before any data is loaded.
     if args.arch not in list_models():
@@ -35,6 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if distributed:
             raise CLIError("--epochs 0 only saves the --weights model; run it without torchrun")
         return _save_pretrained(args, weights)
+    if args.compile:
+        check_compile(dev)
     if args.sync_bn and distributed and dev.type != "cuda":
         raise CLIError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it for CPU runs")
     if not distributed:
@@ -102,7 +104,7 @@ def _save_pretrained(args: argparse.Namespace, weights: str) -> int:
 
 def _train(args: argparse.Namespace, dev: torch.device, distributed: bool) -> int:
     from ..distributed import revert_sync_batchnorm, wrap_ddp
-    from ..train import TrainConfig, is_main_process
+    from ..train import TrainConfig, fit, is_main_process
 
     out = Path(args.out)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
@@ -119,7 +121,7 @@ def _train(args: argparse.Namespace, dev: torch.device, distributed: bool) -> in
     net = wrap_ddp(model, dev, args.sync_bn) if distributed else model
     out.mkdir(parents=True, exist_ok=True)
     save_args(args, out)
-    fit_or_explain(net, train_loader, test_loader, cfg, out, dev, args.resume)
+    fit(net, train_loader, test_loader, cfg, out, dev, resume=args.resume)
     if is_main_process():
         from .. import serialization  # imported late: a long run picks up the current file format code
 
@@ -154,8 +156,8 @@ def register(subparsers) -> None:
                    help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step: faster steps after a compilation of a minute or more "
-                        "per run (needs a C++ compiler on the CPU); pays off on runs of several epochs")
+                   help="torch.compile the training step: faster steps after a compilation that takes a minute or "
+                        "more the first time (torch caches it on disk); needs a C++ compiler on the CPU")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
