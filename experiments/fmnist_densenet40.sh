@@ -9,15 +9,18 @@
 # resumes from its last epoch, so an interrupted run continues where it stopped. Then
 # experiments/densenet_collect.py measures and tabulates everything.
 #
-# The baseline (BASE) comes from `kse train` (an epoch takes several minutes on 2 CPU cores;
-# rerun the same command with --resume after an interruption):
+# The baseline (BASE) comes from `kse train`, then a second cosine stage with `kse finetune` (an
+# epoch takes several minutes on 2 CPU cores; rerun a command with --resume after an interruption;
+# the committed baseline ran epochs 1-7 of the first stage without --compile):
 #   kse train --arch densenet40 --dataset fashion-mnist --epochs 15 --lr 0.1 --warmup-epochs 0.5 \
 #     --batch-size 128 --schedule cosine --weight-decay 1e-4 --amp --no-channels-last --seed 0 \
-#     --out runs/densenet40-fmnist --compile   (the committed baseline: epochs 8-15 with --compile)
+#     --out runs/densenet40-fmnist --compile
+#   kse finetune --checkpoint runs/densenet40-fmnist/model.kse --out runs/densenet40-stage2 --epochs 8 \
+#     --lr 0.05 --schedule cosine --weight-decay 1e-4 --batch-size 128 --amp --no-channels-last --compile --seed 1
 #
-#   BASE=runs/densenet40-fmnist/model.kse OUT=runs/dn40 EPOCHS=3 bash experiments/fmnist_densenet40.sh
+#   BASE=runs/densenet40-stage2/model.kse OUT=runs/dn40 EPOCHS=3 bash experiments/fmnist_densenet40.sh
 set -euo pipefail
-BASE=${BASE:-runs/densenet40-fmnist/model.kse}
+BASE=${BASE:-runs/densenet40-stage2/model.kse}
 OUT=${OUT:-runs/dn40}
 EPOCHS=${EPOCHS:-3}
 GS=${GS:-"4 5"}   # besides G=6, the paper's setting (always run: the peer matches its MACs)
