@@ -109,6 +109,17 @@ _COMMON_FLAGS = {
     "batch-size": dict(type=int, default=None, help="batch size per process"),
     "device": dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
     "seed": dict(type=int, default=None, help="random seed (default 0)"),
+    # training (kse train, kse finetune)
+    "workers": dict(type=int, default=None, help="data-loader worker processes"),
+    "amp": dict(action="store_true", default=None,
+                help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU"),
+    "channels-last": dict(action=argparse.BooleanOptionalAction, default=None),
+    "compile": dict(action="store_true", default=None,
+                    help="torch.compile the training step: faster steps after a compilation that takes a minute "
+                         "or more the first time (torch caches it on disk); needs a C++ compiler on the CPU"),
+    "resume": dict(action="store_true", default=None, help="continue from OUT/last.ckpt"),
+    "max-steps": dict(type=int, default=None, help="cap steps per epoch (quick runs)"),
+    "fake-size": dict(type=int, default=None, help="FakeData train size"),
 }
 
 

@@ -151,16 +151,7 @@ def register(subparsers) -> None:
     p.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
     p.add_argument("--weight-decay", type=finite_float, default=None)
     p.add_argument("--warmup-epochs", type=finite_float, default=None)
-    p.add_argument("--workers", type=int, default=None, help="data-loader worker processes")
-    p.add_argument("--amp", action="store_true", default=None,
-                   help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step: faster steps after a compilation that takes a minute or "
-                        "more the first time (torch caches it on disk); needs a C++ compiler on the CPU")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.ckpt")
+    add_common(p, "workers", "amp", "channels-last", "compile", "resume", "max-steps", "fake-size")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick runs)")
-    p.add_argument("--fake-size", type=int, default=None, help="FakeData train size")
     p.add_argument("--input-size", type=positive_int, default=None, help="FakeData image size")
