@@ -10,8 +10,8 @@ reported). All latencies come from one interleaved run per batch size
 (``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
 model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
 
-    python experiments/densenet_collect.py --base runs/densenet40-stage2/model.kse \\
-        --base-metrics runs/densenet40-stage2/metrics.jsonl --out runs/dn40 \\
+    python experiments/densenet_collect.py --base runs/densenet40-stage3/model.kse \\
+        --base-metrics runs/densenet40-stage3/metrics.jsonl --out runs/dn40 \\
         --threads 2 --results experiments/results/densenet40
 """
 
