@@ -3,7 +3,8 @@
 - ``one_thread`` (module scope): one torch thread and no torchrun environment for a whole test
   module; a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 - ``run``, ``ok``, ``one_error_line``: the ``kse`` command run in process (``kse.cli.main``).
-- ``failing_compile``: ``torch.compile`` replaced by one whose model raises a given exception.
+- ``failing_compile``: ``torch.compile`` replaced by one whose model raises a given exception;
+  ``compiler``: skips a test where ``torch.compile`` has no C++ compiler on the CPU.
 - ``tiny_kse``: a small KSE-compressed model; ``assert_same_function``: the tolerance at which a
   fast form is compared with its slow reference.
 - Slow references, plain loops that fast code is checked against: ``reference_forward`` (a KSE
@@ -33,6 +34,17 @@ def one_thread():
     os.environ.pop("WORLD_SIZE", None)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def compiler() -> None:
+    """Skip the test where ``torch.compile`` has no C++ compiler on the CPU."""
+    from kse.train import CompileError, check_compile
+
+    try:
+        check_compile(torch.device("cpu"))
+    except CompileError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture

@@ -233,23 +233,13 @@ def _small_kse_net(seed: int) -> nn.Module:
     return net
 
 
-def _compiler_or_skip() -> None:
-    from kse.train import CompileError, check_compile
-
-    try:
-        check_compile(CPU)
-    except CompileError as exc:
-        pytest.skip(str(exc))
-
-
-def test_compiled_training_matches_eager_and_resumes(tmp_path):
+def test_compiled_training_matches_eager_and_resumes(tmp_path, compiler):
     """``compile=True`` runs the same steps through torch.compile: two epochs (a switch to
     evaluation and back between them) compile the step once (one more graph once the KSE layer's
     training index exists), never again per epoch; a stop and ``resume`` continue compiled; the
     weights and metrics are those of eager training."""
     from torch._dynamo.utils import counters
 
-    _compiler_or_skip()
     torch.set_num_threads(1)
     train, test, _ = _loaders()
     cfg = dict(epochs=3, channels_last=False)
@@ -300,10 +290,10 @@ def _cpp_compile_error() -> Exception:
      r"^torch.compile failed on the training step \(NotImplementedError: no lowering for aten.foo\); train "
      r"without compiling"),
 ])
-def test_a_failed_compilation_is_one_error_that_says_what_to_do(failure, match, tmp_path, failing_compile):
+def test_a_failed_compilation_is_one_error_that_says_what_to_do(failure, match, tmp_path, failing_compile,
+                                                                compiler):
     from kse.train import CompileError
 
-    _compiler_or_skip()
     failing_compile(failure())
     train, test, _ = _loaders()
     with pytest.raises(CompileError, match=match) as info:
@@ -312,8 +302,7 @@ def test_a_failed_compilation_is_one_error_that_says_what_to_do(failure, match, 
     assert not (tmp_path / "last.ckpt").exists()
 
 
-def test_other_errors_of_a_compiled_step_pass_through(tmp_path, failing_compile):
-    _compiler_or_skip()
+def test_other_errors_of_a_compiled_step_pass_through(tmp_path, failing_compile, compiler):
     failing_compile(FloatingPointError("a step of the model's own"))
     train, test, _ = _loaders()
     with pytest.raises(FloatingPointError, match="a step of the model's own"):
