@@ -4,9 +4,8 @@ For the baseline and every fine-tuned model: test top-1 (the last epoch of its t
 fine-tuning, full 10k test set), params, MACs (paper accounting for KSE layers), file size;
 test top-1 of each cut model before fine-tuning (evaluated here); CPU latency at batch 1 and 64
 with KSE layers in their stock deploy forms (dense / full / split, measured per layer by
-``kse.deploy_``) and with the compiled kernel among them (``fused``), the dense models (the
-baseline, the pruned peer) in both memory layouts (NCHW and channels_last, the faster one is
-reported). All latencies come from one interleaved run per batch size
+``kse.deploy_``) and with the compiled kernel among them (``fused``); every model, dense or
+deployed, in both memory layouts (NCHW and channels_last, the faster one is reported). All latencies come from one interleaved run per batch size
 (``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
 model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
 
@@ -65,22 +64,24 @@ def main(argv=None) -> int:
         path = Path(r["file"])
         if r["key"].startswith("tp"):
             models.update({f"{r['key']} {k}": m for k, m in layouts(kse.load(path).eval()).items()})
-        else:
-            models[f"{r['key']} stock"] = deployed(path, fused=False)
-            models[f"{r['key']} fused"] = deployed(path, fused=True)
+        else:  # each deploy form set in both layouts: the forms are measured in the layout they run in
+            for fused in (False, True):
+                for layout in ("nchw", "channels_last"):
+                    models[f"{r['key']} {'fused' if fused else 'stock'} {layout}"] = deployed(
+                        path, fused=fused, channels_last=layout == "channels_last")
     names = list(models)
     latency = interleaved_latency(models, tuple(models["baseline nchw"].kse_preprocess["input_size"]), args.rounds)
 
     def fastest(prefix: str, batch: int) -> tuple:
-        ms, layout = min((latency[n][f"b{batch}_ms"], n.split(" ", 1)[1]) for n in names if n.startswith(prefix + " "))
+        ms, layout = min((latency[n][f"b{batch}_ms"], n[len(prefix) + 1:]) for n in names if n.startswith(prefix + " "))
         return ms, layout
 
     for r in [base] + rows:
         key = "baseline" if r is base else r["key"]
         for batch in (1, 64):
             if key.startswith("g"):
-                r[f"b{batch}_ms"] = latency[f"{key} stock"][f"b{batch}_ms"]
-                r[f"b{batch}_fused_ms"] = latency[f"{key} fused"][f"b{batch}_ms"]
+                r[f"b{batch}_ms"], r[f"b{batch}_layout"] = fastest(f"{key} stock", batch)
+                r[f"b{batch}_fused_ms"], r[f"b{batch}_fused_layout"] = fastest(f"{key} fused", batch)
             else:
                 r[f"b{batch}_ms"], r[f"b{batch}_layout"] = fastest(key, batch)
 
@@ -89,9 +90,9 @@ def main(argv=None) -> int:
     write_text(results / "densenet40_fmnist.json", json.dumps(out, indent=2) + "\n")
 
     def ms(r: dict, batch: int) -> str:
-        fused = f" / {r[f'b{batch}_fused_ms']:.2f}" if f"b{batch}_fused_ms" in r else ""
-        layout = f" ({r[f'b{batch}_layout']})" if f"b{batch}_layout" in r else ""
-        return f"{r[f'b{batch}_ms']:.2f}{fused}{layout}"
+        def one(key: str) -> str:
+            return f"{r[f'b{batch}{key}_ms']:.2f} ({r[f'b{batch}{key}_layout']})"
+        return one("") + (f" / {one('_fused')}" if f"b{batch}_fused_ms" in r else "")
 
     table = [["baseline", "", f"{base['top1']:.2f}", f"{base['params'] / 1e6:.3f}M", f"{base['macs'] / 1e6:.1f}M",
               f"{base['file_bytes'] / 2**20:.2f} MiB", ms(base, 1), ms(base, 64)]]
