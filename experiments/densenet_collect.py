@@ -9,8 +9,8 @@ deployed, in both memory layouts (NCHW and channels_last, the faster one is repo
 (``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
 model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
 
-    python experiments/densenet_collect.py --base runs/densenet40-stage3/model.kse \\
-        --base-metrics runs/densenet40-stage3/metrics.jsonl --out runs/dn40 \\
+    python experiments/densenet_collect.py --base checkpoints/densenet40-fmnist.kse \\
+        --base-metrics checkpoints/densenet40-fmnist/stage3-metrics.jsonl --out runs/dn40 \\
         --threads 2 --results experiments/results/densenet40
 """
 
