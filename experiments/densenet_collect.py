@@ -5,9 +5,10 @@ fine-tuning, full 10k test set), params, MACs (paper accounting for KSE layers),
 test top-1 of each cut model before fine-tuning (evaluated here); CPU latency at batch 1 and 64
 with KSE layers in their stock deploy forms (dense / full / split, measured per layer by
 ``kse.deploy_``) and with the compiled kernel among them (``fused``); every model, dense or
-deployed, in both memory layouts (NCHW and channels_last, the faster one is reported). All latencies come from one interleaved run per batch size
-(``kse.timing.time_interleaved``, the best round's median), so that machine noise hits every
-model alike. The paper's CIFAR-10 row is quoted beside them. Writes JSON and a Markdown table.
+deployed, in both memory layouts (NCHW and channels_last, the faster one is reported). All
+latencies come from one interleaved run per batch size (``kse.timing.time_interleaved``, the best
+round's median), so that machine noise hits every model alike. The paper's CIFAR-10 row is quoted
+beside them. Writes JSON and a Markdown table.
 
     python experiments/densenet_collect.py --base checkpoints/densenet40-fmnist.kse \\
         --base-metrics checkpoints/densenet40-fmnist/stage3-metrics.jsonl --out runs/dn40 \\
@@ -34,11 +35,9 @@ RUNS = [("KSE G=6 (paper's setting)", "g6"), ("KSE G=5", "g5"), ("KSE G=4", "g4"
 PAPER = {"label": "paper: DenseNet-40 KSE G=6, CIFAR-10", "top1": 94.70, "macs": 115e6, "params": 0.39e6}
 
 
-def layouts(model: torch.nn.Module) -> dict:
-    """The model in NCHW and, as a second object, in channels_last."""
-    import copy
-
-    return {"nchw": model, "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
+# what is timed of each model, in both memory layouts: a dense model as it is; a KSE model deployed
+# with the stock forms and with the fused kernel among them ("" and "stock" name no fused kernel)
+DENSE, KSE_KINDS = ("",), ("stock", "fused")
 
 
 def main(argv=None) -> int:
@@ -58,17 +57,13 @@ def main(argv=None) -> int:
         print(f"{key}: top-1 {row['top1_before']:.2f} -> {row['top1']:.2f}, {row['macs'] / 1e6:.2f}M MACs",
               file=sys.stderr, flush=True)
 
-    # latency: every model and layout in one interleaved run per batch size
-    models = {f"baseline {k}": m for k, m in layouts(kse.load(args.base).eval()).items()}
-    for r in rows:
-        path = Path(r["file"])
-        if r["key"].startswith("tp"):
-            models.update({f"{r['key']} {k}": m for k, m in layouts(kse.load(path).eval()).items()})
-        else:  # each deploy form set in both layouts: the forms are measured in the layout they run in
-            for fused in (False, True):
-                for layout in ("nchw", "channels_last"):
-                    models[f"{r['key']} {'fused' if fused else 'stock'} {layout}"] = deployed(
-                        path, fused=fused, channels_last=layout == "channels_last")
+    # latency: every model, kind and layout in one interleaved run per batch size; a KSE model is
+    # deployed in the layout it runs in (its forms are measured there)
+    paths = {"baseline": args.base, **{r["key"]: Path(r["file"]) for r in rows}}
+    kinds = {key: DENSE if key == "baseline" or key.startswith("tp") else KSE_KINDS for key in paths}
+    models = {" ".join(filter(None, (key, kind, layout))): deployed(path, fused=kind == "fused",
+                                                                    channels_last=layout == "channels_last")
+              for key, path in paths.items() for kind in kinds[key] for layout in ("nchw", "channels_last")}
     names = list(models)
     latency = interleaved_latency(models, tuple(models["baseline nchw"].kse_preprocess["input_size"]), args.rounds)
 
@@ -79,11 +74,9 @@ def main(argv=None) -> int:
     for r in [base] + rows:
         key = "baseline" if r is base else r["key"]
         for batch in (1, 64):
-            if key.startswith("g"):
-                r[f"b{batch}_ms"], r[f"b{batch}_layout"] = fastest(f"{key} stock", batch)
-                r[f"b{batch}_fused_ms"], r[f"b{batch}_fused_layout"] = fastest(f"{key} fused", batch)
-            else:
-                r[f"b{batch}_ms"], r[f"b{batch}_layout"] = fastest(key, batch)
+            for kind in kinds[key]:
+                at = f"b{batch}_fused" if kind == "fused" else f"b{batch}"
+                r[f"{at}_ms"], r[f"{at}_layout"] = fastest(" ".join(filter(None, (key, kind))), batch)
 
     out = {"threads": torch.get_num_threads(), "baseline": base, "rows": rows, "paper": PAPER, "latency_all": latency,
            "latency": "best round's median of interleaved rounds (kse.timing.time_interleaved)"}
