@@ -48,9 +48,11 @@ done
 [ -f "$OUT/tp-g6.kse" ] || $KSE prune --checkpoint "$BASE" --out "$OUT/tp-g6.kse" --method tp-global \
   --match "$OUT/g6.kse" --layers 'features.*.*.conv' > "$OUT/tp-g6.prune.txt"
 for run in g6 tp-g6; do finetune "ft-$run" "$run" --epochs "$EPOCHS"; done
-# G=6 fine-tuned further (MORE epochs, cosine from lr 0.01; 0 skips it): 3 epochs leave DenseNet-40
-# short of its accuracy (docs/densenet.md)
+# G=6 and its peer fine-tuned further (MORE epochs, cosine from lr 0.01; 0 skips them): 3 epochs
+# leave DenseNet-40 short of its accuracy (docs/densenet.md)
 MORE=${MORE:-4}
-[ "$MORE" -gt 0 ] && finetune ft-g6-more ft-g6/model --epochs "$MORE" --schedule cosine --seed 1
+if [ "$MORE" -gt 0 ]; then
+  for run in g6 tp-g6; do finetune "ft-$run-more" "ft-$run/model" --epochs "$MORE" --schedule cosine --seed 1; done
+fi
 for G in $GS; do finetune "ft-g$G" "g$G" --epochs "$EPOCHS"; done
 echo "done: $OUT"
