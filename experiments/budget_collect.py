@@ -38,11 +38,16 @@ METHODS = [("kse-global", "KSE, one global G/T (paper)"), ("kse-layer", "KSE, pe
            ("l1", "L1 filter pruning, uniform"), ("tp-global", "Torch-Pruning global group-magnitude")]
 
 
-def last_top1(path: Path) -> float:
+def read_epochs(path: Path) -> list[dict]:
+    """The per-epoch metrics of a run (its metrics.jsonl), at least one epoch."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise SystemExit(f"{path} holds no epoch")
-    return lines[-1]["test_top1"]
+    return lines
+
+
+def last_top1(path: Path) -> float:
+    return read_epochs(path)[-1]["test_top1"]
 
 
 def test_top1(model: torch.nn.Module, loader) -> float:

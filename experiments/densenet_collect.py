@@ -26,19 +26,18 @@ import torch
 import kse
 from kse.atomic import write_text
 # this folder's tabulation helpers
-from budget_collect import deployed, describe, interleaved_latency, last_top1, parse_args, test_loader, test_top1
+from budget_collect import (deployed, describe, interleaved_latency, last_top1, parse_args, read_epochs, test_loader,
+                            test_top1)
 from kse.report import markdown_table
 
 # (label, row key, cut model): each row's fine-tuned model is OUT/ft-KEY/model.kse, with its per-epoch
 # metrics beside it; a "-more" row is its run fine-tuned further (MORE in fmnist_densenet40.sh,
 # docs/densenet.md), so it shares that run's cut model, and {more} in its label becomes the number
 # of epochs in its metrics
-TP_LABEL = "Torch-Pruning global group-magnitude, MACs of KSE G=6"
-RUNS = [("KSE G=6 (paper's setting)", "g6", "g6"),
-        ("KSE G=6, {more} more epochs (cosine from lr 0.01)", "g6-more", "g6"),
+TP_LABEL, MORE = "Torch-Pruning global group-magnitude, MACs of KSE G=6", ", {more} more epochs (cosine from lr 0.01)"
+RUNS = [("KSE G=6 (paper's setting)", "g6", "g6"), ("KSE G=6" + MORE, "g6-more", "g6"),
         ("KSE G=5", "g5", "g5"), ("KSE G=4", "g4", "g4"),
-        (TP_LABEL, "tp-g6", "tp-g6"),
-        (TP_LABEL + ", {more} more epochs (cosine from lr 0.01)", "tp-g6-more", "tp-g6")]
+        (TP_LABEL, "tp-g6", "tp-g6"), (TP_LABEL + MORE, "tp-g6-more", "tp-g6")]
 # quoted from the paper (docs/method.md, section 9), CIFAR-10 at 32x32: not measured here
 PAPER = {"label": "paper: DenseNet-40 KSE G=6, CIFAR-10", "top1": 94.70, "macs": 115e6, "params": 0.39e6}
 
@@ -61,10 +60,9 @@ def main(argv=None) -> int:
             continue
         if start not in before:
             before[start] = test_top1(kse.load(cut), loader)
-        metrics = tuned.parent / "metrics.jsonl"
-        epochs = sum(1 for line in metrics.read_text().splitlines() if line.strip())
-        row = {"key": key, "label": label.format(more=epochs), **describe(tuned), "top1_before": before[start],
-               "top1": last_top1(metrics), "epochs": epochs}
+        history = read_epochs(tuned.parent / "metrics.jsonl")
+        row = {"key": key, "label": label.format(more=len(history)), **describe(tuned), "top1_before": before[start],
+               "top1": history[-1]["test_top1"], "epochs": len(history)}
         rows.append(row)
         print(f"{key}: top-1 {row['top1_before']:.2f} -> {row['top1']:.2f}, {row['macs'] / 1e6:.2f}M MACs",
               file=sys.stderr, flush=True)
