@@ -7,7 +7,9 @@ or cosine learning rate). ``fit`` writes ``last.ckpt`` atomically after every ep
 ``metrics.jsonl`` (one JSON line per epoch, from the rows the checkpoint holds);
 ``resume=True`` continues exactly where it stopped. A run that trains nothing (no batch per
 epoch) or diverges (a non-finite loss, output, parameter or BatchNorm statistic) stops with an
-error instead of saving.
+error instead of saving. With ``TrainConfig(swa_from=k)`` the run ends with the mean of the
+weights of epochs k to the last (``kse.weight_average``), BatchNorm statistics re-estimated,
+evaluated as one more row of ``metrics.jsonl`` marked ``swa_epochs``.
 Under ``torchrun`` it uses DistributedDataParallel and a DistributedSampler, and only rank 0
 writes files.
 """
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .atomic import save_safetensors, write_text
+from .weight_average import accumulate_, check_average, load_average_
 
 
 @dataclass
@@ -57,6 +60,10 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     max_steps_per_epoch: Optional[int] = None  # for quick runs and tests
+    # stochastic weight averaging (kse.weight_average): from this epoch (1-based) to the last,
+    # average the weights at each epoch's end; the run ends with that mean, its BatchNorm
+    # statistics re-estimated over one pass of the training data
+    swa_from: Optional[int] = None
 
     def __post_init__(self) -> None:
         def is_int(v) -> bool:
@@ -89,6 +96,9 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None and (not is_int(self.max_steps_per_epoch)
                                                      or self.max_steps_per_epoch < 1):
             raise ValueError(f"max_steps_per_epoch must be None or an integer >= 1, got {self.max_steps_per_epoch!r}")
+        if self.swa_from is not None and (not is_int(self.swa_from) or not 1 <= self.swa_from <= self.epochs):
+            raise ValueError(f"swa_from must be None or an epoch in [1, epochs] = [1, {self.epochs}], got "
+                             f"{self.swa_from!r}; e.g. {max(1, self.epochs // 2)} averages the second half of the run")
 
 
 def is_distributed() -> bool:
@@ -246,24 +256,32 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         epoch: int, history: List[dict], extra: Optional[dict] = None,
-                        scaler: Optional[torch.amp.GradScaler] = None) -> None:
-    """Write model + optimizer + RNG (+ AMP scaler) state as safetensors with JSON metadata (no pickle)."""
+                        scaler: Optional[torch.amp.GradScaler] = None,
+                        average: Optional[Dict[str, torch.Tensor]] = None, average_count: int = 0) -> None:
+    """Write model + optimizer + RNG (+ AMP scaler, + weight average of ``average_count``
+    epochs) state as safetensors with JSON metadata (no pickle)."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    if average_count:
+        tensors.update({f"average.{k}": v.contiguous() for k, v in (average or {}).items()})
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
                 tensors[f"optim.{pid}.{key}"] = val.contiguous().cpu()
     tensors["rng.cpu"] = torch.get_rng_state()
-    meta = {"epoch": epoch, "history": history, "param_groups": opt["param_groups"], "extra": extra or {}}
+    meta = {"epoch": epoch, "history": history, "param_groups": opt["param_groups"], "extra": extra or {},
+            "average_count": average_count}
     if scaler is not None and scaler.is_enabled():
         meta["grad_scaler"] = {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
     save_safetensors(tensors, path, {"kse_training_state": json.dumps(meta)})
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scaler: Optional[torch.amp.GradScaler] = None) -> dict:
-    """Restore what :func:`save_training_state` wrote; returns its metadata."""
+                        scaler: Optional[torch.amp.GradScaler] = None,
+                        average: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns its metadata. ``average``, when
+    given, is filled with the weight average the file holds (validated against ``model``; its
+    ``average_count`` is in the metadata, 0 when it holds none)."""
     from safetensors import safe_open
 
     fix = "delete it, or run without --resume to start over"
@@ -292,6 +310,18 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     torch.set_rng_state(tensors["rng.cpu"])
     if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
         scaler.load_state_dict(meta["grad_scaler"])
+    count = meta.setdefault("average_count", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= meta["epoch"] + 1:
+        raise ValueError(f"{path} records {count!r} averaged epochs after epoch {meta['epoch'] + 1}, which cannot "
+                         f"be; {fix}")
+    if average is not None:
+        average.clear()
+        if count:
+            average.update({k[8:]: v.float() for k, v in tensors.items() if k.startswith("average.")})
+            try:
+                check_average(average, _unwrap(model))
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
     return meta
 
 
@@ -387,9 +417,17 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
     ckpt = out_dir / "last.ckpt"
     start, history = 0, []
     metrics = out_dir / "metrics.jsonl"
+    average: Dict[str, torch.Tensor] = {}  # the running mean of the weights (cfg.swa_from)
+    average_count = 0
     if resume and ckpt.is_file():
-        meta = load_training_state(ckpt, model, optimizer, scaler)
+        meta = load_training_state(ckpt, model, optimizer, scaler, average)
         start, history = meta["epoch"] + 1, meta["history"]
+        average_count = meta["average_count"]
+        expected = 0 if cfg.swa_from is None else max(0, start - cfg.swa_from + 1)
+        if average_count != expected:
+            raise ValueError(f"{ckpt} holds a weight average of {average_count} epochs, but --swa-from "
+                             f"{cfg.swa_from} after {start} epochs makes {expected}: it was written with another "
+                             "--swa-from; resume with the same one, or start over in a new --out")
         if is_main_process():
             # the checkpoint holds every epoch's row: a stop after it was written but before the
             # metrics were does not lose a line
@@ -423,15 +461,54 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
         row["epoch_s"] = time.time() - t0
         history.append(row)
+        if cfg.swa_from is not None and epoch + 1 >= cfg.swa_from:
+            accumulate_(average, _unwrap(model), average_count)
+            average_count += 1
         if is_main_process():
             print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                   f"top1 {row['train_top1']:.2f}% | test top1 {row['test_top1']:.2f}% "
                   f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
-            save_training_state(ckpt, model, optimizer, epoch, history, {"train_config": asdict(cfg)}, scaler)
+            save_training_state(ckpt, model, optimizer, epoch, history, {"train_config": asdict(cfg)}, scaler,
+                                average, average_count)
             write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
+    if cfg.swa_from is not None:
+        history = history + [_finish_average(model, average, average_count, train_loader, test_loader, cfg, device)]
+        if is_main_process():
+            write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
     return history
+
+
+def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: int, train_loader, test_loader,
+                    cfg: TrainConfig, device: torch.device) -> Dict[str, float]:
+    """Give ``model`` the weight average of the last ``count`` epochs, re-estimate its
+    BatchNorm statistics over one pass of ``train_loader`` (as ``torch.optim.swa_utils.update_bn``;
+    the averaged weights belong to none of the statistics seen so far) and evaluate it. Returns
+    the metrics row: ``epoch`` (the last), ``swa_epochs`` (``count``) and the ``test_*`` values."""
+    from .recalibrate import batchnorm_layers, recalibrate_bn_
+
+    t0 = time.time()
+    module = _unwrap(model)
+    load_average_(module, average)
+    if batchnorm_layers(module):
+        steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
+                                                                              cfg.max_steps_per_epoch)
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(cfg.epochs)
+        torch.manual_seed(cfg.seed * 1000 + cfg.epochs)  # the same pass on a rerun or a resume
+        recalibrate_bn_(module, train_loader, batches=steps)
+    check_finite(model, "after averaging the weights", "start over with a lower learning rate (--lr)")
+    row: Dict[str, float] = {"epoch": cfg.epochs, "swa_epochs": count}
+    if is_distributed():
+        row["replica_digests"] = sync_replicas(model)
+    row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
+    row["epoch_s"] = time.time() - t0
+    if is_main_process():
+        print(f"weight average of epochs {cfg.epochs - count + 1}-{cfg.epochs}: test top1 {row['test_top1']:.2f}% "
+              f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
+    return row
 
 
 def finetune_steps(model: nn.Module, train_loader, steps: int, lr: float, device: torch.device,

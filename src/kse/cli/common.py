@@ -119,6 +119,10 @@ _COMMON_FLAGS = {
                          "or more the first time (torch caches it on disk); needs a C++ compiler on the CPU"),
     "resume": dict(action="store_true", default=None, help="continue from OUT/last.ckpt"),
     "max-steps": dict(type=int, default=None, help="cap steps per epoch (quick runs)"),
+    "swa-from": dict(type=int, default=None, metavar="EPOCH",
+                     help="stochastic weight averaging: end with the mean of the weights of epochs EPOCH to the last "
+                          "(BatchNorm statistics re-estimated on the training data, one more metrics row); "
+                          "default: the last epoch's weights"),
     "fake-size": dict(type=int, default=None, help="FakeData train size"),
 }
 

@@ -25,7 +25,7 @@ def _finetune_config(args: argparse.Namespace):
                        batch_size=args.batch_size, schedule=args.schedule, milestones=milestones, gamma=0.1,
                        seed=args.seed, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
                        amp=bool(args.amp), compile=bool(args.compile), nesterov=not official,
-                       decay_norm_and_bias=official)
+                       decay_norm_and_bias=official, swa_from=args.swa_from)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -77,7 +77,7 @@ def _finetune(args: argparse.Namespace, path: Path, cfg, dev: torch.device, dist
         final = out / "model.kse"
         extra = {**(getattr(model, "kse_extra", None) or {}), "finetuned_from": str(path),
                  "finetune": {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones,
-                              "max_steps_per_epoch": cfg.max_steps_per_epoch,
+                              "max_steps_per_epoch": cfg.max_steps_per_epoch, "swa_from": cfg.swa_from,
                               "test_top1": history[-1]["test_top1"] if history else None}}
         save(model.cpu().to(memory_format=torch.contiguous_format), final, preprocess=model.kse_preprocess,
              extra=extra)
@@ -90,7 +90,7 @@ def register(subparsers) -> None:
         subparsers, "finetune", cmd_finetune, folder_out=True,
         defaults=dict(epochs=20, lr=0.01, batch_size=128, schedule="multistep", milestones=[0.5], weight_decay=1e-5,
                       workers=0, amp=False, channels_last=True, resume=False, seed=0, max_steps=None, fake_size=256,
-                      official_sgd=False, compile=False),
+                      official_sgd=False, compile=False, swa_from=None),
         help="fine-tune a compressed checkpoint",
         epilog="Defaults: 20 epochs (the paper runs 200 on CIFAR-10), lr 0.01, batch 128, the dataset "
                "recorded in the checkpoint.",
@@ -107,4 +107,4 @@ def register(subparsers) -> None:
     p.add_argument("--official-sgd", action="store_true", default=None,
                    help="the authors' optimizer: plain momentum and weight decay on every parameter (default: "
                         "Nesterov momentum, no decay on BatchNorm and bias parameters)")
-    add_common(p, "workers", "amp", "channels-last", "compile", "resume", "max-steps", "fake-size")
+    add_common(p, "workers", "amp", "channels-last", "compile", "resume", "max-steps", "fake-size", "swa-from")

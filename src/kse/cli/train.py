@@ -110,7 +110,7 @@ def _train(args: argparse.Namespace, dev: torch.device, distributed: bool) -> in
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       amp=args.amp, channels_last=args.channels_last, max_steps_per_epoch=args.max_steps,
-                      compile=args.compile)
+                      compile=args.compile, swa_from=args.swa_from)
     train_loader, test_loader, info = loaders(args.dataset, args.data_dir, args.batch_size, args.workers,
                                               args.fake_size, args.input_size, args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -139,7 +139,7 @@ def register(subparsers) -> None:
         defaults=dict(arch="resnet56", dataset="fashion-mnist", out="runs/train", epochs=30, lr=0.1, batch_size=128,
                       schedule="cosine", weight_decay=5e-4, warmup_epochs=0.0, workers=0, amp=False,
                       channels_last=True, resume=False, sync_bn=False, seed=0, max_steps=None, fake_size=256,
-                      input_size=None, compile=False),
+                      input_size=None, compile=False, swa_from=None),
         help="train a baseline (from scratch or from torchvision weights)",
         description="Train a baseline model; writes last.ckpt every epoch, metrics.jsonl and model.kse. "
                     "With --weights (torchvision models), start from pretrained weights; with "
@@ -151,7 +151,7 @@ def register(subparsers) -> None:
     p.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
     p.add_argument("--weight-decay", type=finite_float, default=None)
     p.add_argument("--warmup-epochs", type=finite_float, default=None)
-    add_common(p, "workers", "amp", "channels-last", "compile", "resume", "max-steps", "fake-size")
+    add_common(p, "workers", "amp", "channels-last", "compile", "resume", "max-steps", "fake-size", "swa-from")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
     p.add_argument("--input-size", type=positive_int, default=None, help="FakeData image size")
