@@ -157,10 +157,11 @@ def test_finetune_swa_from_writes_the_averaged_model(tmp_path, ok):
 
     ckpt = tmp_path / "tiny.kse"
     kse.save(get_model("resnet20", num_classes=10), ckpt, preprocess=dataset_info("fake").preprocess())
-    ok(["finetune", "--checkpoint", ckpt, "--out", tmp_path / "ft", "--fake-size", 16, "--batch-size", 8,
-        "--device", "cpu", "--epochs", 2, "--swa-from", 1, "--max-steps", 2, "--no-channels-last"])
+    _, err = ok(["finetune", "--checkpoint", ckpt, "--out", tmp_path / "ft", "--fake-size", 16, "--batch-size", 8,
+                 "--device", "cpu", "--epochs", 2, "--swa-from", 1, "--max-steps", 2, "--no-channels-last"])
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("swa_epochs") for r in rows] == [None, None, 2]
+    assert "weight average of epochs 1-2: re-estimating BatchNorm statistics over 2 training batches" in err
     saved = kse.load(tmp_path / "ft" / "model.kse")
     assert saved.kse_extra["finetune"]["swa_from"] == 1
     assert saved.kse_extra["finetune"]["test_top1"] == rows[-1]["test_top1"]

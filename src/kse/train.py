@@ -498,6 +498,9 @@ def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: i
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(cfg.epochs)
         torch.manual_seed(cfg.seed * 1000 + cfg.epochs)  # the same pass on a rerun or a resume
+        if is_main_process():
+            print(f"weight average of epochs {cfg.epochs - count + 1}-{cfg.epochs}: re-estimating BatchNorm "
+                  f"statistics over {steps} training batches (forward passes only)", file=sys.stderr, flush=True)
         recalibrate_bn_(module, train_loader, batches=steps)
     check_finite(model, "after averaging the weights", "start over with a lower learning rate (--lr)")
     row: Dict[str, float] = {"epoch": cfg.epochs, "swa_epochs": count}
