@@ -150,7 +150,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     runs the model's forward pass in the steps (default: ``model`` itself; a compiled one)."""
     model.train()
     forward = model if forward is None else forward
-    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    steps = _epoch_steps(loader, cfg)
     if steps == 0:
         raise ValueError(f"the training data gives no batch per epoch ({_data_size(loader)}, batch size "
                          f"{getattr(loader, 'batch_size', '?')}, incomplete batches dropped): training would change "
@@ -194,6 +194,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     check_finite(model, f"after epoch {epoch + 1}", f"lower the learning rate (--lr, now {cfg.lr:g})")
     return {"train_loss": total_loss / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
             "train_img_per_s": seen / max(time.time() - t0, 1e-9)}
+
+
+def _epoch_steps(loader, cfg: TrainConfig) -> int:
+    """The batches one epoch takes from ``loader``: all of them, or ``cfg.max_steps_per_epoch``."""
+    return len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+
+
+def _seed_epoch(loader, cfg: TrainConfig, epoch: int) -> None:
+    """Seed epoch ``epoch`` (0-based) of a run: a rerun or a resume replays the same batches."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+
+
+def _write_metrics(path: Path, history: List[dict]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def _data_size(loader) -> str:
@@ -431,7 +448,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         if is_main_process():
             # the checkpoint holds every epoch's row: a stop after it was written but before the
             # metrics were does not lose a line
-            write_text(metrics, "".join(json.dumps(row) + "\n" for row in history))
+            _write_metrics(metrics, history)
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
     elif resume and is_main_process():
         print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
@@ -443,10 +460,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
                   flush=True)
         forward = torch.compile(model)
     for epoch in range(start, cfg.epochs):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same batches
+        _seed_epoch(train_loader, cfg, epoch)
         t0 = time.time()
         row = {"epoch": epoch + 1}
         try:
@@ -470,13 +484,13 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
                   f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
             save_training_state(ckpt, model, optimizer, epoch, history, {"train_config": asdict(cfg)}, scaler,
                                 average, average_count)
-            write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
+            _write_metrics(metrics, history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     if cfg.swa_from is not None:
         history = history + [_finish_average(model, average, average_count, train_loader, test_loader, cfg, device)]
         if is_main_process():
-            write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
+            _write_metrics(metrics, history)
     return history
 
 
@@ -489,18 +503,15 @@ def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: i
     from .recalibrate import batchnorm_layers, recalibrate_bn_
 
     t0 = time.time()
+    what = f"weight average of epochs {cfg.epochs - count + 1}-{cfg.epochs}"
     module = _unwrap(model)
     load_average_(module, average)
     if batchnorm_layers(module):
-        steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
-                                                                              cfg.max_steps_per_epoch)
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(cfg.epochs)
-        torch.manual_seed(cfg.seed * 1000 + cfg.epochs)  # the same pass on a rerun or a resume
+        steps = _epoch_steps(train_loader, cfg)
+        _seed_epoch(train_loader, cfg, cfg.epochs)  # the pass after the last epoch, the same on a resume
         if is_main_process():
-            print(f"weight average of epochs {cfg.epochs - count + 1}-{cfg.epochs}: re-estimating BatchNorm "
-                  f"statistics over {steps} training batches (forward passes only)", file=sys.stderr, flush=True)
+            print(f"{what}: re-estimating BatchNorm statistics over {steps} training batches (forward passes "
+                  "only)", file=sys.stderr, flush=True)
         recalibrate_bn_(module, train_loader, batches=steps)
     check_finite(model, "after averaging the weights", "start over with a lower learning rate (--lr)")
     row: Dict[str, float] = {"epoch": cfg.epochs, "swa_epochs": count}
@@ -509,7 +520,7 @@ def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: i
     row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
     row["epoch_s"] = time.time() - t0
     if is_main_process():
-        print(f"weight average of epochs {cfg.epochs - count + 1}-{cfg.epochs}: test top1 {row['test_top1']:.2f}% "
+        print(f"{what}: test top1 {row['test_top1']:.2f}% "
               f"top5 {row['test_top5']:.2f}% | {row['epoch_s']:.0f}s", file=sys.stderr, flush=True)
     return row
 
@@ -534,7 +545,7 @@ def finetune_steps(model: nn.Module, train_loader, steps: int, lr: float, device
     optimizer = build_optimizer(model, cfg)
     rows = []
     for epoch in range(epochs):
-        torch.manual_seed(seed * 1000 + epoch)
+        _seed_epoch(train_loader, cfg, epoch)
         rows.append(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device))
     return {"steps": epochs * min(per_epoch_steps, per_epoch), "epochs": epochs, "lr": cfg.lr,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": "multistep, x0.1 at half",
