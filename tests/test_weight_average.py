@@ -95,11 +95,12 @@ def _cfg(**kw) -> TrainConfig:
                                  channels_last=False), **kw})
 
 
-def test_fit_ends_with_the_mean_of_the_averaged_epochs(tmp_path):
+@pytest.mark.parametrize("amp", [False, True])
+def test_fit_ends_with_the_mean_of_the_averaged_epochs(tmp_path, amp):
     train, test = _loaders()
     model = _model(0)
     ends = []
-    history = fit(model, train, test, _cfg(), tmp_path, CPU, on_epoch_end=lambda epoch, row: ends.append(
+    history = fit(model, train, test, _cfg(amp=amp), tmp_path, CPU, on_epoch_end=lambda epoch, row: ends.append(
         {k: p.detach().clone() for k, p in averaged_parameters(model).items()}))
     assert len(ends) == 3
     for name, p in averaged_parameters(model).items():  # epochs 2 and 3, not 1
@@ -107,14 +108,18 @@ def test_fit_ends_with_the_mean_of_the_averaged_epochs(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3, 3] and history[-1]["swa_epochs"] == 2
     assert "swa_epochs" not in history[2] and "train_loss" not in history[-1]
     # the row is the averaged model's own evaluation, BatchNorm statistics from one pass of the
-    # training data in the run's seeded order (three batches, as max_steps_per_epoch)
+    # training data in the run's seeded order (three batches, as max_steps_per_epoch), in the
+    # training steps' precision (bfloat16 autocast with amp on the CPU)
     assert history[-1]["test_top1"] == pytest.approx(evaluate(model, test, CPU)["top1"], abs=0)
-    again = _model(5)
-    again.load_state_dict(model.state_dict())
-    torch.manual_seed(7 * 1000 + 3)
-    recalibrate_bn_(again, train, batches=3)
+    again, other = _model(5), _model(5)
+    for net, autocast in ((again, amp), (other, not amp)):
+        net.load_state_dict(model.state_dict())
+        torch.manual_seed(7 * 1000 + 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recalibrate_bn_(net, train, batches=3)
     for (name, a), b in zip(model.named_buffers(), again.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(model.bn1.running_var, other.bn1.running_var)  # the precision shows in the statistics
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == json.loads(json.dumps(history))
 

@@ -143,6 +143,14 @@ def _progress(done: int, total: int, images: float, t0: float, extra: str) -> No
     print(f"\r  [{bar:<30}] {done}/{total} {extra} {rate:.0f} img/s", end=end, file=sys.stderr, flush=True)
 
 
+def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """The mixed precision of the training forward passes: with ``cfg.amp``, float16 on CUDA (with
+    a GradScaler) and bfloat16 on the CPU (float32's exponent range, no scaler needed;
+    docs/performance.md has the measured speed-up); otherwise a disabled context."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=cfg.amp and device.type in ("cuda", "cpu"))
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                     epoch: int, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None,
                     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
@@ -157,10 +165,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                          "nothing; use a batch size no larger than the dataset (--batch-size)")
     total_loss = correct = seen = 0.0
     t0 = time.time()
-    use_amp = cfg.amp and device.type in ("cuda", "cpu")
-    # CUDA: float16 with a GradScaler; CPU: bfloat16 (same exponent range as float32, no scaler needed;
-    # docs/performance.md has the measured speed-up)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     for i, (x, y) in enumerate(loader):
         if i >= steps:
             break
@@ -170,7 +174,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        with _autocast(cfg, device):
             out = forward(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
         if not (torch.isfinite(loss) & torch.isfinite(out).all()):  # one synchronisation for both
@@ -178,7 +182,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             raise FloatingPointError(f"training diverged: {what} at epoch {epoch + 1} step {i + 1}; lower the "
                                      f"learning rate (--lr, now {cfg.lr:g})")
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and use_amp:
+        if scaler is not None and cfg.amp:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -512,7 +516,8 @@ def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: i
         if is_main_process():
             print(f"{what}: re-estimating BatchNorm statistics over {steps} training batches (forward passes "
                   "only)", file=sys.stderr, flush=True)
-        recalibrate_bn_(module, train_loader, batches=steps)
+        with _autocast(cfg, device):  # the precision the training steps' statistics came from
+            recalibrate_bn_(module, train_loader, batches=steps)
     check_finite(model, "after averaging the weights", "start over with a lower learning rate (--lr)")
     row: Dict[str, float] = {"epoch": cfg.epochs, "swa_epochs": count}
     if is_distributed():
