@@ -2,10 +2,14 @@
 KSE-compressed version, in float32 and under CPU bfloat16 autocast, measured in interleaved
 rounds in one run (the order reversed every other round); with ``--compile``, also each model
 under ``torch.compile`` (what ``kse train/finetune --compile`` runs), its compilation timed apart.
+With ``--eval``, the same for the evaluation's forward pass instead (eval mode, no gradients),
+which ``kse train/finetune`` runs after every epoch, compiled with ``--compile``.
 
     python benchmarks/train_step.py [--checkpoint checkpoints/resnet56-fmnist.kse] [--G 4] [--batch-size 128]
     python benchmarks/train_step.py --arch densenet40 --G 6 --exclude features.1.conv features.3.conv \
         --layout nchw --precisions bf16 --compile
+    python benchmarks/train_step.py --arch densenet40 --G 6 --exclude features.1.conv features.3.conv \
+        --layout nchw --precisions fp32 --compile --eval --batch-size 256
 
 Prints one JSON object: median step time and images/s per (model, precision), and the ratio
 compressed / dense (issue: a training step of the compressed model must be no slower).
@@ -31,22 +35,24 @@ from kse.models import get_model
 
 
 def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, steps: int,
-              forward=None) -> float:
-    """The median time of ``steps`` training steps after one untimed one; ``forward`` runs the
-    model (default: ``model`` itself; a compiled one)."""
+              forward=None, evaluate: bool = False) -> float:
+    """The median time of ``steps`` training steps (with ``evaluate``: forward passes in eval
+    mode without gradients) after one untimed one; ``forward`` runs the model (default:
+    ``model`` itself; a compiled one)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     forward = model if forward is None else forward
-    model.train()
+    model.train(not evaluate)
     times = []
     for _ in range(steps + 1):  # the first step warms up
         sync()
         t = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp), torch.set_grad_enabled(not evaluate):
             loss = F.cross_entropy(forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if not evaluate:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
@@ -78,6 +84,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
+    ap.add_argument("--eval", action="store_true", help="time evaluation forward passes (eval mode, no gradients) "
+                    "instead of training steps")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--channel-multiple", type=int, default=8, help="KSEConfig.channel_multiple (1: odd widths)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -92,6 +100,8 @@ def main() -> None:
                     help="kse.training_weight.configure_training(select_max_kept=...): fraction of kept channels above which training "
                          "convolves all channels with zero kernels instead of gathering the kept ones")
     args = ap.parse_args()
+    if args.profile and args.eval:
+        ap.error("--profile times training steps; leave it out with --eval")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.select_max_kept is not None:
@@ -122,16 +132,16 @@ def main() -> None:
             forwards[f"{name}_compiled"] = torch.compile(models[f"{name}_compiled"])
             for amp in precisions:
                 t = time.perf_counter()
-                step_time(models[f"{name}_compiled"], x, y, amp, 1, forwards[f"{name}_compiled"])
+                step_time(models[f"{name}_compiled"], x, y, amp, 1, forwards[f"{name}_compiled"], args.eval)
                 compile_s[f"{name}_{'bf16' if amp else 'fp32'}"] = round(time.perf_counter() - t, 1)
     samples = {(name, amp): [] for name in models for amp in precisions}
     for r in range(args.rounds):  # the order reversed every round: a fixed order favoured some entries by ~5%
         for (name, amp) in (list(samples) if r % 2 == 0 else list(samples)[::-1]):
             kse.training_weight.configure_training(extension=not name.endswith("_stock"))
-            samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps, forwards[name]))
+            samples[(name, amp)].append(step_time(models[name], x, y, amp, args.steps, forwards[name], args.eval))
     if args.profile:
         profile_steps(models, x, y)
-    result = {"benchmark": "train_step", "batch_size": args.batch_size, "input_size": list(size),
+    result = {"benchmark": "eval_forward" if args.eval else "train_step", "batch_size": args.batch_size, "input_size": list(size),
               "checkpoint": args.checkpoint, "arch": None if args.checkpoint else args.arch, "exclude": args.exclude,
               "layout": args.layout, "compile_s": compile_s or None, "G": args.G,
               "channel_multiple": args.channel_multiple, "device": args.device,

@@ -234,10 +234,10 @@ def _small_kse_net(seed: int) -> nn.Module:
 
 
 def test_compiled_training_matches_eager_and_resumes(tmp_path, compiler):
-    """``compile=True`` runs the same steps through torch.compile: two epochs (a switch to
-    evaluation and back between them) compile the step once (one more graph once the KSE layer's
-    training index exists), never again per epoch; a stop and ``resume`` continue compiled; the
-    weights and metrics are those of eager training."""
+    """``compile=True`` runs the same steps and evaluations through torch.compile: the first
+    epoch compiles the training step (one more graph once the KSE layer's training index exists)
+    and the evaluation, the second (a switch to evaluation and back between them) nothing more;
+    a stop and ``resume`` continue compiled; the weights and metrics are those of eager training."""
     from torch._dynamo.utils import counters
 
     torch.set_num_threads(1)
@@ -249,7 +249,10 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, compiler):
     class Stop(Exception):
         pass
 
+    graphs = []
+
     def stop_after_second_epoch(epoch, row):
+        graphs.append(counters["stats"]["unique_graphs"])
         if epoch == 1:
             raise Stop
 
@@ -258,7 +261,8 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, compiler):
     with pytest.raises(Stop):
         fit(_small_kse_net(0), train, test, _cfg(compile=True, **cfg), tmp_path / "compiled", CPU,
             on_epoch_end=stop_after_second_epoch)
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # compiled, and not again after the evaluation
+    # the step and the evaluation compiled, and neither again in the second epoch
+    assert 2 <= graphs[0] <= 4 and graphs[1] == graphs[0], graphs
     compiled = _small_kse_net(0)
     with torch.no_grad():  # other weights: everything must come from last.ckpt
         for p in compiled.parameters():
@@ -300,6 +304,45 @@ def test_a_failed_compilation_is_one_error_that_says_what_to_do(failure, match, 
         fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path, CPU)
     assert "TORCHDYNAMO_VERBOSE" not in str(info.value)  # torch's own advice is left out
     assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_evaluation_runs_through_the_compiled_module(tmp_path, monkeypatch, compiler):
+    """With ``compile=True`` every test batch goes through what torch.compile returned, with the
+    module in eval mode, and the metrics are those of the module itself; a compilation failure
+    there names the evaluation."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from kse.train import CompileError
+
+    calls = []
+
+    def recording_compile(model, *args, **kwargs):  # runs the module eagerly: what is recorded is who ran
+        def run(x):
+            calls.append((model.training, x.shape[0]))
+            return model(x)
+        return run
+
+    train, test, _ = _loaders()
+    want = fit(_small_kse_net(0), train, test, _cfg(channels_last=False), tmp_path / "eager", CPU)
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    got = fit(_small_kse_net(0), train, test, _cfg(compile=True, channels_last=False), tmp_path / "compiled", CPU)
+    assert [n for training, n in calls if not training] == [len(y) for _, y in test] * 2  # each epoch's test set
+    assert [n for training, n in calls if training] == [8] * 6
+    for key in ("test_loss", "test_top1"):
+        assert [row[key] for row in got] == [row[key] for row in want], key
+
+    def failing_in_eval(model, *args, **kwargs):
+        def run(x):
+            if not model.training:
+                raise BackendCompilerFailed(lambda: None, NotImplementedError("no lowering for aten.bar"), None)
+            return model(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_in_eval)
+    with pytest.raises(CompileError, match=r"^torch.compile failed on the evaluation \(NotImplementedError: no "
+                                           r"lowering for aten.bar\); train without compiling"):
+        fit(_small_kse_net(0), train, test, _cfg(compile=True), tmp_path / "failing", CPU)
+    assert not (tmp_path / "failing" / "last.ckpt").exists()
 
 
 def test_other_errors_of_a_compiled_step_pass_through(tmp_path, failing_compile, compiler):

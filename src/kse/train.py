@@ -16,6 +16,7 @@ writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -55,8 +56,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = False
     channels_last: bool = True
-    # torch.compile the training steps (evaluation and checkpoints use the module itself): the
-    # first steps pay for the compilation, once per process
+    # torch.compile the training steps and the evaluation's forward passes (checkpoints use the
+    # module itself): the first steps pay for the compilation, once per process
     compile: bool = False
     seed: int = 0
     max_steps_per_epoch: Optional[int] = None  # for quick runs and tests
@@ -236,14 +237,18 @@ def check_finite(model: nn.Module, when: str, fix: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             max_batches: Optional[int] = None) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean loss over ``loader``, summed across ranks.
+             max_batches: Optional[int] = None,
+             forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean loss over ``loader``, summed across ranks, in
+    float32. ``forward`` runs the model (default: the module itself; a compiled one, which must
+    wrap the module, not a DDP wrapper).
 
     Under DDP each rank evaluates its own shard of ``loader`` with the unwrapped module (no
     collective per batch, so shards may differ in length); the sums are then all-reduced.
     """
     model = _unwrap(model)
     model.eval()
+    forward = model if forward is None else forward
     stats = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, count, images with non-finite outputs
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -251,7 +256,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         x, y = x.to(device), y.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x).float()
+        out = forward(x).float()
         finite = torch.isfinite(out).all(1)
         stats[4] += (~finite).sum().item()
         out = torch.where(finite.unsqueeze(1), out, 0.0)  # counted above; the sums stay finite
@@ -409,20 +414,33 @@ def check_compile(device: torch.device) -> None:
                            f"install g++ or set $CXX); {_NO_COMPILE}") from None
 
 
-def _compile_failure(exc: BaseException) -> Optional[CompileError]:
-    """The :class:`CompileError` for an exception of a compiled training step, or ``None`` when
-    it is not a compilation failure (raised again as it is)."""
+def _compile_failure(exc: BaseException, what: str = "the training step") -> Optional[CompileError]:
+    """The :class:`CompileError` for an exception of a compiled step (``what``: the training
+    step, the evaluation), or ``None`` when it is not a compilation failure (raised again as it is)."""
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
     inner = exc.inner_exception if isinstance(exc, BackendCompilerFailed) else exc
     if not isinstance(exc, BackendCompilerFailed) and not isinstance(inner, (CppCompileError, InvalidCxxCompiler)):
         return None
-    what = f"{type(inner).__name__}: {' '.join(str(inner).split())[:200]}"
+    cause = f"{type(inner).__name__}: {' '.join(str(inner).split())[:200]}"
     if isinstance(inner, (CppCompileError, InvalidCxxCompiler)):
-        return CompileError(f"torch.compile could not build the training step's C++ code ({what}); it needs a "
+        return CompileError(f"torch.compile could not build {what}'s C++ code ({cause}); it needs a "
                             f"working C++ compiler; {_NO_COMPILE}")
-    return CompileError(f"torch.compile failed on the training step ({what}); {_NO_COMPILE}")
+    return CompileError(f"torch.compile failed on {what} ({cause}); {_NO_COMPILE}")
+
+
+@contextlib.contextmanager
+def _compile_errors(compiled: bool, what: str = "the training step"):
+    """Raise a compilation failure of a compiled step (``what``) as one :class:`CompileError`; any
+    other exception (or any at all when nothing is ``compiled``) as it is."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - a compilation failure (forward or backward) is one CompileError
+        failure = _compile_failure(exc, what) if compiled else None
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: Path,
@@ -456,27 +474,26 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
             print(f"resumed from {ckpt} at epoch {start}", file=sys.stderr)
     elif resume and is_main_process():
         print(f"resume: no {ckpt} yet; starting at epoch 0", file=sys.stderr)
-    forward = None
+    forward = eval_forward = None
     if cfg.compile and start < cfg.epochs:
         check_compile(device)
         if is_main_process():
-            print("compiling the training step (torch.compile): the first steps wait for it", file=sys.stderr,
-                  flush=True)
+            print("compiling the training step (torch.compile): the first steps wait for it; the first evaluation "
+                  "waits for its own", file=sys.stderr, flush=True)
         forward = torch.compile(model)
+        # evaluation runs the module (not a DDP wrapper) in eval mode: a graph of its own
+        eval_forward = forward if model is _unwrap(model) else torch.compile(_unwrap(model))
     for epoch in range(start, cfg.epochs):
         _seed_epoch(train_loader, cfg, epoch)
         t0 = time.time()
         row = {"epoch": epoch + 1}
-        try:
+        with _compile_errors(forward is not None):
             row.update(train_one_epoch(model, train_loader, optimizer, cfg, epoch, device, scaler, forward))
-        except Exception as exc:  # noqa: BLE001 - a compilation failure (forward or backward) is one CompileError
-            failure = _compile_failure(exc) if forward is not None else None
-            if failure is None:
-                raise
-            raise failure from None
         if is_distributed():
             row["replica_digests"] = sync_replicas(model)
-        row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
+        with _compile_errors(eval_forward is not None, "the evaluation"):
+            test = evaluate(model, test_loader, device, cfg.channels_last, forward=eval_forward)
+        row.update({f"test_{k}": v for k, v in test.items()})
         row["epoch_s"] = time.time() - t0
         history.append(row)
         if cfg.swa_from is not None and epoch + 1 >= cfg.swa_from:
@@ -492,17 +509,21 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, out_dir: 
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     if cfg.swa_from is not None:
-        history = history + [_finish_average(model, average, average_count, train_loader, test_loader, cfg, device)]
+        with _compile_errors(eval_forward is not None, "the evaluation"):
+            last = _finish_average(model, average, average_count, train_loader, test_loader, cfg, device, eval_forward)
+        history = history + [last]
         if is_main_process():
             _write_metrics(metrics, history)
     return history
 
 
 def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: int, train_loader, test_loader,
-                    cfg: TrainConfig, device: torch.device) -> Dict[str, float]:
+                    cfg: TrainConfig, device: torch.device,
+                    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
     """Give ``model`` the weight average of the last ``count`` epochs, re-estimate its
     BatchNorm statistics over one pass of ``train_loader`` (as ``torch.optim.swa_utils.update_bn``;
-    the averaged weights belong to none of the statistics seen so far) and evaluate it. Returns
+    the averaged weights belong to none of the statistics seen so far) and evaluate it (with
+    ``forward``, as :func:`evaluate`). Returns
     the metrics row: ``epoch`` (the last), ``swa_epochs`` (``count``) and the ``test_*`` values."""
     from .recalibrate import batchnorm_layers, recalibrate_bn_
 
@@ -522,7 +543,8 @@ def _finish_average(model: nn.Module, average: Dict[str, torch.Tensor], count: i
     row: Dict[str, float] = {"epoch": cfg.epochs, "swa_epochs": count}
     if is_distributed():
         row["replica_digests"] = sync_replicas(model)
-    row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last).items()})
+    row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, cfg.channels_last,
+                                                     forward=forward).items()})
     row["epoch_s"] = time.time() - t0
     if is_main_process():
         print(f"{what}: test top1 {row['test_top1']:.2f}% "

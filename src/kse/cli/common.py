@@ -115,8 +115,9 @@ _COMMON_FLAGS = {
                 help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU"),
     "channels-last": dict(action=argparse.BooleanOptionalAction, default=None),
     "compile": dict(action="store_true", default=None,
-                    help="torch.compile the training step: faster steps after a compilation that takes a minute "
-                         "or more the first time (torch caches it on disk); needs a C++ compiler on the CPU"),
+                    help="torch.compile the training step and the evaluation: faster after a compilation that "
+                         "takes a minute or more the first time (torch caches it on disk); needs a C++ compiler "
+                         "on the CPU"),
     "resume": dict(action="store_true", default=None, help="continue from OUT/last.ckpt"),
     "max-steps": dict(type=int, default=None, help="cap steps per epoch (quick runs)"),
     "swa-from": dict(type=int, default=None, metavar="EPOCH",
