@@ -16,7 +16,6 @@ BUDGETS=${BUDGETS:-"1.6x 2x 2.5x 3x"}
 EPOCHS=${EPOCHS:-1}
 STEPS=${STEPS-150}   # empty: whole epochs
 RUN=${RUN:-short}
-KSE=${KSE:-kse}
 FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0)
 mkdir -p "$OUT"
 steps=()

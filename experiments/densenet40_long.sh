@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/densenet40-long}
 SAVED=checkpoints/densenet40-fmnist/long-run
-KSE=${KSE:-kse}
+source experiments/lib.sh  # KSE
 epochs_in() { if [ -f "$1/metrics.jsonl" ]; then grep -c '"train_loss"' "$1/metrics.jsonl" || true; else echo 0; fi; }
 
 if [ "${1:-}" = save ]; then
@@ -18,7 +18,7 @@ if [ "${1:-}" = save ]; then
   mkdir -p "$SAVED"
   cp "$OUT/last.ckpt" "$SAVED/last.ckpt.tmp" && mv "$SAVED/last.ckpt.tmp" "$SAVED/last.ckpt"
   cp "$OUT/metrics.jsonl" "$SAVED/metrics.jsonl"
-  [ ! -f "$OUT/train.log" ] || tr '\r' '\n' < "$OUT/train.log" | grep -v -e cpp_extension.py -e '^$' > "$SAVED/train.log"
+  [ ! -f "$OUT/train.log" ] || tr '\r' '\n' < "$OUT/train.log" | grep -v -e cpp_extension.py -e 'command not found' -e '^$' > "$SAVED/train.log"
   echo "saved epoch $(epochs_in "$SAVED") of 40 in $SAVED"
   exit 0
 fi

@@ -29,7 +29,6 @@ BASE=${BASE:-checkpoints/densenet40-fmnist.kse}
 OUT=${OUT:-runs/dn40}
 EPOCHS=${EPOCHS:-3}
 GS=${GS:-"4 5"}   # besides G=6, the paper's setting (always run: the peer matches its MACs)
-KSE=${KSE:-kse}
 # NCHW: DenseNet's faster training layout on this CPU (the layout changes no result)
 FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0
     --no-channels-last)
@@ -48,12 +47,13 @@ for G in 6 $GS; do
 done
 [ -f "$OUT/tp-g6.kse" ] || $KSE prune --checkpoint "$BASE" --out "$OUT/tp-g6.kse" --method tp-global \
   --match "$OUT/g6.kse" --layers 'features.*.*.conv' > "$OUT/tp-g6.prune.txt"
-for run in g6 tp-g6; do finetune "ft-$run" "$run" --epochs "$EPOCHS"; done
 # G=6 and its peer fine-tuned further (MORE epochs, cosine from lr 0.01; 0 skips them): 3 epochs
 # leave DenseNet-40 short of its accuracy (docs/densenet.md)
 MORE=${MORE:-4}
-if [ "$MORE" -gt 0 ]; then
-  for run in g6 tp-g6; do finetune "ft-$run-more" "ft-$run/model" --epochs "$MORE" --schedule cosine --seed 1; done
-fi
+more() { [ "$MORE" -eq 0 ] || finetune "ft-$1-more" "ft-$1/model" --epochs "$MORE" --schedule cosine --seed 1; }
+# in the order of what the comparison needs first (each run is one to two hours on 2 CPU cores)
+for run in g6 tp-g6; do finetune "ft-$run" "$run" --epochs "$EPOCHS"; done
+more g6
 for G in $GS; do finetune "ft-g$G" "g$G" --epochs "$EPOCHS"; done
+more tp-g6
 echo "done: $OUT"

@@ -15,7 +15,6 @@ BASE=${BASE:-checkpoints/resnet56-fmnist.kse}
 OUT=${OUT:-runs/exp}
 EPOCHS=${EPOCHS:-4}            # main runs: epochs of fine-tuning (the paper's recipe, lr x0.1 at half)
 SWEEP_STEPS=${SWEEP_STEPS:-200} # sweep and ablation: steps of fine-tuning (one epoch, capped)
-KSE=${KSE:-kse}
 FT=(--lr 0.01 --schedule multistep --milestones 0.5 --weight-decay 1e-5 --batch-size 128 --amp --seed 0)
 RECAL=${RECAL:-100}            # recalibrated models: training batches of 128 images (no labels, no gradients)
 mkdir -p "$OUT"
