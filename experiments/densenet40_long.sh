@@ -10,7 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/densenet40-long}
 SAVED=checkpoints/densenet40-fmnist/long-run
-source experiments/lib.sh  # KSE
 epochs_in() { if [ -f "$1/metrics.jsonl" ]; then grep -c '"train_loss"' "$1/metrics.jsonl" || true; else echo 0; fi; }
 
 if [ "${1:-}" = save ]; then
@@ -18,11 +17,12 @@ if [ "${1:-}" = save ]; then
   mkdir -p "$SAVED"
   cp "$OUT/last.ckpt" "$SAVED/last.ckpt.tmp" && mv "$SAVED/last.ckpt.tmp" "$SAVED/last.ckpt"
   cp "$OUT/metrics.jsonl" "$SAVED/metrics.jsonl"
-  [ ! -f "$OUT/train.log" ] || tr '\r' '\n' < "$OUT/train.log" | grep -v -e cpp_extension.py -e 'command not found' -e '^$' > "$SAVED/train.log"
+  [ ! -f "$OUT/train.log" ] || tr '\r' '\n' < "$OUT/train.log" | grep -v -e cpp_extension.py -e '^$' > "$SAVED/train.log"
   echo "saved epoch $(epochs_in "$SAVED") of 40 in $SAVED"
   exit 0
 fi
 
+source experiments/lib.sh  # KSE
 mkdir -p "$OUT"
 if [ "$(epochs_in "$SAVED")" -gt "$(epochs_in "$OUT")" ]; then
   cp "$SAVED/last.ckpt" "$OUT/last.ckpt" && cp "$SAVED/metrics.jsonl" "$OUT/metrics.jsonl"

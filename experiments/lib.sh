@@ -1,4 +1,4 @@
-# Shell helpers of the experiment scripts (sourced; they read OUT, KSE and the array FT).
+# Shell helpers of the experiment scripts (sourced; they set KSE and read OUT and the array FT).
 
 # KSE, the kse command unless the caller sets it: the project's virtual environment's (make venv)
 # when there is one, else kse on the PATH.
