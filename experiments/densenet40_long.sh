@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The DenseNet-40 baseline trained in one run from scratch: 40 cosine epochs (12 to 15 minutes each
-# on 2 CPU cores, so several sittings). The run's state travels in the repository between
-# sittings: checkpoints/densenet40-fmnist/long-run/ holds its last.ckpt (weights, momentum, every
-# epoch's metrics), metrics.jsonl and train.log (the run's output, which OUT/train.log collects).
+# The DenseNet-40 baseline trained in one run from scratch: 40 cosine epochs (hours on 2 CPU
+# cores, so several sittings). The run's state can travel in the repository between sittings:
+# checkpoints/densenet40-fmnist/long-run/ holds its metrics.jsonl and train.log (the run's output,
+# which OUT/train.log collects) and, while the run is unfinished, its last.ckpt (weights,
+# momentum, every epoch's metrics). The committed baseline is this run's model.kse.
 #
-#   bash experiments/densenet40_long.sh        # continue: from OUT if it is ahead, else from the saved state
+#   bash experiments/densenet40_long.sh        # run or continue: from OUT if it is ahead, else from a saved last.ckpt
 #   bash experiments/densenet40_long.sh save   # copy OUT's state into the repository (after an epoch ends)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ fi
 
 source experiments/lib.sh  # KSE
 mkdir -p "$OUT"
-if [ "$(epochs_in "$SAVED")" -gt "$(epochs_in "$OUT")" ]; then
+if [ -f "$SAVED/last.ckpt" ] && [ "$(epochs_in "$SAVED")" -gt "$(epochs_in "$OUT")" ]; then
   cp "$SAVED/last.ckpt" "$OUT/last.ckpt" && cp "$SAVED/metrics.jsonl" "$OUT/metrics.jsonl"
   cp "$SAVED/train.log" "$OUT/train.log"
   echo "continuing from the saved state: epoch $(epochs_in "$OUT") of 40" >&2

@@ -11,7 +11,7 @@ round's median), so that machine noise hits every model alike. The paper's CIFAR
 beside them. Writes JSON and a Markdown table.
 
     python experiments/densenet_collect.py --base checkpoints/densenet40-fmnist.kse \\
-        --base-metrics checkpoints/densenet40-fmnist/stage3-metrics.jsonl --out runs/dn40 \\
+        --base-metrics checkpoints/densenet40-fmnist/long-run/metrics.jsonl --out runs/dn40 \\
         --threads 2 --results experiments/results/densenet40
 """
 
