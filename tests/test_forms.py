@@ -104,6 +104,27 @@ def test_eval_mode_without_gradients_runs_tensors_prepared_once(monkeypatch, ass
     assert prepared[2:] == ["train", "split"]
 
 
+@pytest.mark.parametrize("form", ["dense", "full"])
+def test_the_cached_weight_follows_the_input_layout(form, reference_forward, assert_same_function, make_layer):
+    # an nn.Conv2d's weight is channels_last after model.to(memory_format=torch.channels_last);
+    # the prepared weight of a KSE layer takes its input's layout the same way (once, not per call)
+    layer = make_layer(C=6, N=8, counts=[0, 2, 3, 8, 1, 4]).eval().set_form(form)
+    prepared = layer._inference.args[0]
+    x = torch.randn(2, 6, 7, 7)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = reference_forward(layer, x)
+        assert prepared["weight"].is_contiguous()
+        y = layer(x_cl)
+        weight = prepared["weight"]
+        assert forms.is_channels_last(weight) and forms.is_channels_last(y)
+        assert_same_function(y, want)
+        layer(x_cl)
+        assert prepared["weight"] is weight  # kept, not converted again
+        assert_same_function(layer(x), want)
+        assert prepared["weight"].is_contiguous() and not forms.is_channels_last(prepared["weight"])
+
+
 def test_refresh_after_an_in_place_edit_in_eval_mode(reference_forward, assert_same_function, make_layer):
     layer = make_layer().eval()
     x = torch.randn(2, 6, 7, 7)

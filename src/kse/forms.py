@@ -154,8 +154,16 @@ def prepare_full(layer) -> Tensors:
 
 
 def run_conv(t: Tensors, x: Tensor) -> Tensor:
-    """``"dense"`` and ``"full"``: one convolution with the cached weight (epilogue folded in)."""
-    out = F.conv2d(select_channels(x, t["kept"]), t["weight"], t["bias"], *t["conv"])
+    """``"dense"`` and ``"full"``: one convolution with the cached weight (epilogue folded in).
+
+    The weight follows the input's memory layout, as ``model.to(memory_format=...)`` lays out an
+    ``nn.Conv2d``'s: a convolution whose weight is laid out otherwise reorders it on every call.
+    It is converted on the first call in the other layout and kept (not while compiling)."""
+    weight = t["weight"]
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    if not weight.is_contiguous(memory_format=layout) and not torch.compiler.is_compiling():
+        weight = t["weight"] = weight.contiguous(memory_format=layout)
+    out = F.conv2d(select_channels(x, t["kept"]), weight, t["bias"], *t["conv"])
     return F.relu(out) if t["relu"] else out
 
 
