@@ -10,11 +10,14 @@ command -v "$KSE" > /dev/null || { echo "no kse command ($KSE): run make venv fi
 
 # finetune DIR START [flags...]: `kse finetune` of $OUT/START.kse into $OUT/DIR with the
 # recipe $FT and the flags, its printout in $OUT/DIR.log; skipped once $OUT/DIR/model.kse
-# exists, resumed from its last epoch when $OUT/DIR/last.ckpt does.
+# exists, resumed from its last epoch when $OUT/DIR/last.ckpt does (the printout then appended
+# to the log, which keeps the earlier epochs').
 finetune() {
   local dir=$1 start=$2; shift 2
   [ -f "$OUT/$dir/model.kse" ] && return
-  local resume=()
-  [ -f "$OUT/$dir/last.ckpt" ] && resume=(--resume)
-  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" > "$OUT/$dir.log" 2>&1
+  if [ -f "$OUT/$dir/last.ckpt" ]; then
+    $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" --resume >> "$OUT/$dir.log" 2>&1
+  else
+    $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" > "$OUT/$dir.log" 2>&1
+  fi
 }
