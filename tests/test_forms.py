@@ -104,6 +104,24 @@ def test_eval_mode_without_gradients_runs_tensors_prepared_once(monkeypatch, ass
     assert prepared[2:] == ["train", "split"]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_select_channels_equals_indexing_and_keeps_the_layout(channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 5, 4, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kept = torch.tensor([0, 2, 3, 6])
+    leaf = x.detach().requires_grad_()
+    y = forms.select_channels(leaf, kept)
+    assert torch.equal(y, x[:, kept]) and forms.is_channels_last(y) == channels_last
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad)
+    want = torch.zeros_like(x)
+    want[:, kept] = grad
+    assert torch.equal(leaf.grad, want)
+    assert forms.select_channels(x, None) is x
+
+
 @pytest.mark.parametrize("form", ["dense", "full"])
 def test_the_cached_weight_follows_the_input_layout(form, reference_forward, assert_same_function, make_layer):
     # an nn.Conv2d's weight is channels_last after model.to(memory_format=torch.channels_last);
