@@ -15,9 +15,7 @@ command -v "$KSE" > /dev/null || { echo "no kse command ($KSE): run make venv fi
 finetune() {
   local dir=$1 start=$2; shift 2
   [ -f "$OUT/$dir/model.kse" ] && return
-  if [ -f "$OUT/$dir/last.ckpt" ]; then
-    $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" --resume >> "$OUT/$dir.log" 2>&1
-  else
-    $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" > "$OUT/$dir.log" 2>&1
-  fi
+  local resume=()
+  if [ -f "$OUT/$dir/last.ckpt" ]; then resume=(--resume); else : > "$OUT/$dir.log"; fi
+  $KSE finetune --checkpoint "$OUT/$start.kse" --out "$OUT/$dir" "${FT[@]}" "$@" "${resume[@]}" >> "$OUT/$dir.log" 2>&1
 }
